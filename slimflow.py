@@ -1,0 +1,1096 @@
+"""SlimFlow in one file: small one-step generators trained with rectified flow.
+
+SlimFlow (Zhu, Liu & Liu, ECCV 2024) compresses a diffusion model in two directions at
+once: fewer sampling steps (one) and fewer parameters. The pipeline, in the order this
+file is written and run:
+
+    teacher   train a 1-rectified flow v1 on the data              (METHOD.md §2)
+    pairs     couple noise Z0 to data Z1 by solving v1's ODE       (§3)
+    reflow    Annealing Reflow: a *small* 2-rectified flow v2      (§4)
+    distill   Flow-Guided Distillation: G(z) = z + u(z, eps)       (§5)
+    sample    draw from any stage's checkpoint with any sampler
+
+`python slimflow.py` runs all of it on a 2-D toy on a CPU in about a minute;
+`python slimflow.py --dataset cifar10 --stage distill` is one stage of the paper's recipe.
+Section numbers (§) refer to METHOD.md, which states every equation used here.
+"""
+
+import argparse
+import copy
+import gzip
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.integrate import solve_ivp
+
+EPS = 1e-3  # ODE start time and smallest training time (§1)
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, nothing overwritten."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a NaN loss): printed as one line, exit status 1."""
+
+
+# -----------------------------------------------------------------------------
+# 1. Data
+# Noise is always X0 ~ N(0, I). Data X1 are 2-D toy points or images scaled to [-1, 1]
+# (§1). Everything is held in memory and sampled with replacement from the global torch
+# RNG, so a run is reproducible from its seed and a resumed run draws the same batches.
+
+TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals")
+IMAGE_DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "shapes")
+
+
+def toy_data(name, n, seed=0):
+    """n points of a 2-D toy distribution as a float tensor (n, 2); same seed, same points."""
+    rng = np.random.default_rng(seed)
+    if name == "8gaussians":  # 8 modes on a circle of radius 2.83, std 0.35
+        angles = rng.integers(0, 8, n) * (np.pi / 4)
+        x = 4 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.5 * rng.standard_normal((n, 2))
+        x = x / 1.414
+    elif name == "moons":  # two interleaved half circles, centred and scaled to about [-3, 3]
+        theta, upper = rng.uniform(0, np.pi, n), rng.integers(0, 2, n).astype(bool)
+        x = np.where(upper[:, None], np.stack([np.cos(theta), np.sin(theta)], 1),
+                     np.stack([1 - np.cos(theta), 0.5 - np.sin(theta)], 1))
+        x = 2 * (x - [0.5, 0.25]) + 0.1 * rng.standard_normal((n, 2))
+    elif name == "checkerboard":  # uniform on 8 squares of a 4x4 board over [-4, 4]^2
+        x1 = rng.uniform(-2, 2, n)
+        x2 = rng.uniform(0, 1, n) - 2 * rng.integers(0, 2, n) + np.floor(x1) % 2
+        x = 2 * np.stack([x1, x2], 1)
+    elif name == "spirals":  # two interleaved spirals
+        r = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi
+        sign = np.where(rng.integers(0, 2, n) == 1, 1.0, -1.0)[:, None]
+        x = sign * np.stack([-np.cos(r) * r, np.sin(r) * r], 1) / 3
+        x = x + 0.1 * rng.standard_normal((n, 2))
+    else:
+        raise UsageError(f"unknown toy dataset {name!r}; choose from {', '.join(TOY_DATASETS)}")
+    return torch.from_numpy(x).float()
+
+
+def shapes_images(n, size=32, seed=0):
+    """A procedural colour image set: one disc, square, diamond or triangle per image on a
+    plain background. uint8 (n, 3, size, size); it lets the image path run offline."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)[:, None]  # each (1, size, size)
+    cx, cy = (rng.uniform(0.3, 0.7, (2, n, 1, 1)) * size)
+    r = rng.uniform(0.15, 0.3, (n, 1, 1)) * size
+    dx, dy = np.abs(xx - cx), np.abs(yy - cy)
+    masks = np.stack([dx**2 + dy**2 < r**2,                              # disc
+                      (dx < 0.8 * r) & (dy < 0.8 * r),                    # square
+                      dx + dy < r,                                         # diamond
+                      (yy - cy < 0.7 * r) & (2 * dx < yy - cy + r)])       # triangle
+    mask = masks[rng.integers(0, 4, n), np.arange(n)]                      # (n, size, size)
+    background, colour = rng.integers(0, 256, (2, n, 3, 1, 1))
+    return torch.from_numpy(np.where(mask[:, None], colour, background).astype(np.uint8))
+
+
+def read_idx_images(path):
+    """The MNIST file format (idx3-ubyte, optionally gzipped) as uint8 (n, 1, h, w)."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
+    return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, 1, h, w)
+
+
+def download_hint(name, data_dir, err):
+    return (f"could not load {name} into {data_dir} ({type(err).__name__}: {err}); offline? "
+            f"put the files where torchvision expects them under {data_dir}, or for fashion_mnist "
+            f"pass --data-dir /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)")
+
+
+def image_dataset(name, data_dir, image_size=32, limit=None, seed=0):
+    """Training images as a uint8 tensor (n, c, image_size, image_size)."""
+    import torchvision  # only the image path needs it
+    data_dir = Path(data_dir)
+    if name == "shapes":
+        x = shapes_images(limit or 10_000, image_size, seed)
+    elif name in ("mnist", "fashion_mnist"):
+        idx = [data_dir / f"train-images-idx3-ubyte{gz}" for gz in ("", ".gz")]
+        found = [p for p in idx if p.exists()]
+        if found:  # plain idx files, e.g. Debian's dataset-fashion-mnist package
+            x = read_idx_images(found[0])
+        else:
+            cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+            try:
+                x = cls(str(data_dir), train=True, download=True).data[:, None]
+            except Exception as err:
+                raise UsageError(download_hint(name, data_dir, err)) from None
+    elif name == "cifar10":
+        try:
+            data = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True).data
+        except Exception as err:
+            raise UsageError(download_hint(name, data_dir, err)) from None
+        x = torch.from_numpy(data).permute(0, 3, 1, 2)
+    elif name == "folder":
+        from PIL import Image
+        files = sorted(p for p in data_dir.rglob("*")
+                       if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        if not files:
+            raise UsageError(f"no images (.png, .jpg, .jpeg, .bmp, .webp) under --data-dir {data_dir}")
+        crop = torchvision.transforms.Compose([torchvision.transforms.Resize(image_size),
+                                               torchvision.transforms.CenterCrop(image_size),
+                                               torchvision.transforms.PILToTensor()])
+        x = torch.stack([crop(Image.open(p).convert("RGB")) for p in files[:limit]])
+    else:
+        raise UsageError(f"unknown image dataset {name!r}; choose from {', '.join(IMAGE_DATASETS)}")
+    x = x[:limit]
+    if x.shape[-1] != image_size:  # e.g. 28x28 MNIST to the U-Net's 32x32
+        x = F.interpolate(x.float(), size=image_size, mode="bilinear", antialias=True)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    return x
+
+
+def to_unit_range(x):
+    """uint8 images to [-1, 1]; float data passes through."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+
+class TrainingData:
+    """Examples held in memory, drawn with replacement. Several tensors (a reflow pair
+    (Z0, Z1)) share the indices and, for images, the same random horizontal flip: a
+    flipped Gaussian is still Gaussian, so a flipped pair is still a valid coupling (§3)."""
+
+    def __init__(self, *tensors, flip=False, device="cpu"):
+        self.tensors, self.flip, self.device = tensors, flip, device
+
+    def __len__(self):
+        return len(self.tensors[0])
+
+    def sample(self, batch_size):
+        idx = torch.randint(len(self), (batch_size,))
+        out = [to_unit_range(t[idx]).to(self.device) for t in self.tensors]
+        if self.flip:
+            flip = (torch.rand(batch_size) < 0.5).to(self.device)[:, None, None, None]
+            out = [torch.where(flip, o.flip(-1), o) for o in out]
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+# -----------------------------------------------------------------------------
+# 2. Networks
+# A velocity field v(x, t) with t of shape (batch,). Both networks embed 999·t with the
+# sinusoidal embedding of DDPM (§1, §6): it was built for integer-like diffusion steps.
+# The U-Net is the DDPM++ network of the official code, block for block (§6), so the
+# official parameter counts and checkpoint layouts carry over.
+
+def time_embedding(t, dim, scale=999.0, max_period=10_000):
+    """Sinusoidal embedding of scale·t: first half sines, second half cosines."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / (half - 1))
+    args = scale * t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class MLP(nn.Module):
+    """Velocity field for 2-D toys: an MLP on (x, embedding of t)."""
+
+    def __init__(self, dim=2, hidden=256, depth=3, temb_dim=64, time_scale=10.0):
+        super().__init__()
+        self.temb_dim, self.time_scale = temb_dim, time_scale
+        widths = [dim + temb_dim] + [hidden] * depth
+        layers = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, time_embedding(t, self.temb_dim, self.time_scale)], dim=1))
+
+
+def group_norm(ch):
+    return nn.GroupNorm(min(ch // 4, 32), ch, eps=1e-6)
+
+
+def conv(ch_in, ch_out, kernel=3, zero=False):
+    """Convolution with the official initialisation: fan-average uniform (Xavier), zero
+    bias; output convolutions start at zero so every residual block starts as identity."""
+    layer = nn.Conv2d(ch_in, ch_out, kernel, padding=kernel // 2)
+    nn.init.zeros_(layer.weight) if zero else nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ResBlock(nn.Module):
+    """BigGAN-type residual block: time-conditioned, optionally resampling 2x up or down."""
+    skip = None  # the U-Net's bookkeeping: "push" output to the skip list, "pop" one before
+
+    def __init__(self, ch_in, ch_out, temb_ch, dropout, resample=None):
+        super().__init__()
+        self.resample = resample
+        self.norm1, self.conv1 = group_norm(ch_in), conv(ch_in, ch_out)
+        self.temb_proj = nn.Linear(temb_ch, ch_out)
+        nn.init.xavier_uniform_(self.temb_proj.weight), nn.init.zeros_(self.temb_proj.bias)
+        self.norm2, self.dropout = group_norm(ch_out), nn.Dropout(dropout)
+        self.conv2 = conv(ch_out, ch_out, zero=True)
+        self.shortcut = conv(ch_in, ch_out, 1) if ch_in != ch_out or resample else None
+
+    def forward(self, x, temb):
+        h = F.silu(self.norm1(x))
+        if self.resample == "up":
+            h, x = F.interpolate(h, scale_factor=2.0), F.interpolate(x, scale_factor=2.0)
+        elif self.resample == "down":
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        h = self.conv1(h) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return (x + h) / math.sqrt(2)  # rescaled skip keeps the variance of deep stacks at 1
+
+
+class Attention(nn.Module):
+    """Self-attention over all positions, single head; the residual is rescaled by 1/√2."""
+    skip = None
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.q, self.k, self.v = conv(ch, ch, 1), conv(ch, ch, 1), conv(ch, ch, 1)
+        self.proj = conv(ch, ch, 1, zero=True)
+
+    def forward(self, x, temb=None):
+        b, c, hh, ww = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (b, hw, c)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ/√c)·v
+        h = self.proj(h.transpose(1, 2).reshape(b, c, hh, ww))
+        return (x + h) / math.sqrt(2)
+
+
+class UNet(nn.Module):
+    """DDPM++ U-Net of the official (Rectified Flow / SlimFlow) code, §6.
+
+    Level i has nf·ch_mult[i] channels; attention runs at the resolutions in
+    attn_resolutions. All blocks sit in one list, in the order of the official
+    `all_modules` list (time MLP, input conv, blocks, output norm and conv), and each
+    block says what it does with the skip connections: the down path pushes outputs,
+    the up path pops them and concatenates them to its input."""
+
+    def __init__(self, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
+                 dropout=0.15, image_size=32, in_ch=3):
+        super().__init__()
+        self.nf, temb_ch = nf, 4 * nf
+        self.time_mlp = nn.Sequential(nn.Linear(nf, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        for layer in self.time_mlp[::2]:
+            nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
+        self.input_conv = conv(in_ch, nf)
+        self.blocks = nn.ModuleList()
+
+        def add(block, skip=None):
+            block.skip = skip
+            self.blocks.append(block)
+
+        skip_chs, ch, res = [nf], nf, image_size  # the input conv's output is the first skip
+        for level, mult in enumerate(ch_mult):  # down path
+            for _ in range(num_res_blocks):
+                add(ResBlock(ch, nf * mult, temb_ch, dropout))
+                ch = nf * mult
+                if res in attn_resolutions:
+                    add(Attention(ch))
+                self.blocks[-1].skip = "push"
+                skip_chs.append(ch)
+            if level != len(ch_mult) - 1:
+                add(ResBlock(ch, ch, temb_ch, dropout, resample="down"), "push")
+                skip_chs.append(ch)
+                res //= 2
+        add(ResBlock(ch, ch, temb_ch, dropout))  # middle
+        add(Attention(ch))
+        add(ResBlock(ch, ch, temb_ch, dropout))
+        for level, mult in reversed(list(enumerate(ch_mult))):  # up path
+            for _ in range(num_res_blocks + 1):
+                add(ResBlock(ch + skip_chs.pop(), nf * mult, temb_ch, dropout), "pop")
+                ch = nf * mult
+            if res in attn_resolutions:
+                add(Attention(ch))
+            if level != 0:
+                add(ResBlock(ch, ch, temb_ch, dropout, resample="up"))
+                res *= 2
+        self.out_norm, self.out_conv = group_norm(ch), conv(ch, in_ch, zero=True)
+
+    def forward(self, x, t):
+        temb = self.time_mlp(time_embedding(t, self.nf))
+        h = self.input_conv(x)
+        skips = [h]
+        for block in self.blocks:
+            if block.skip == "pop":
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, temb)
+            if block.skip == "push":
+                skips.append(h)
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+# Named sizes. U-Nets: the official CIFAR10 networks (§6) and two tiny ones for CPU demos
+# and tests. MLPs: toy teachers and students.
+PRESETS = {
+    "rf-61.8m": dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4),
+    "slim-27.9m": dict(nf=128, ch_mult=(1, 2, 2), num_res_blocks=2),
+    "slim-15.7m": dict(nf=96, ch_mult=(1, 2, 2), num_res_blocks=2),
+    "slim-7.0m": dict(nf=64, ch_mult=(1, 2, 2), num_res_blocks=2),
+    "slim-3.4m": dict(nf=64, ch_mult=(1, 1, 2), num_res_blocks=1),
+    "unet-tiny": dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
+    "unet-micro": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
+}
+MLP_PRESETS = {
+    "mlp-256x3": dict(hidden=256, depth=3),
+    "mlp-128x3": dict(hidden=128, depth=3),
+    "mlp-96x3": dict(hidden=96, depth=3),
+    "mlp-64x2": dict(hidden=64, depth=2),
+}
+
+
+def build_model(name, data_shape):
+    """A network from a preset name for data of shape (2,) or (c, h, w)."""
+    if name in MLP_PRESETS and len(data_shape) == 1:
+        return MLP(dim=data_shape[0], **MLP_PRESETS[name])
+    if name in PRESETS and len(data_shape) == 3:
+        return UNet(**PRESETS[name], in_ch=data_shape[0], image_size=data_shape[-1])
+    kind, names = ("toy", MLP_PRESETS) if len(data_shape) == 1 else ("image", PRESETS)
+    raise UsageError(f"model {name!r} does not fit {kind} data; choose from {', '.join(names)}")
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+class OneStepGenerator(nn.Module):
+    """The SlimFlow generator G(z) = z + u(z, eps) (§5); u has the 2-rectified flow's
+    architecture and starts from its weights."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z):
+        return z + self.net(z, torch.full((len(z),), EPS, device=z.device))
+
+
+# -----------------------------------------------------------------------------
+# 3. Flow and samplers
+# X_t = t·X1 + (1 - t)·X0, target velocity X1 - X0, t ~ U[eps, 1] (§1). Samplers solve
+# dZ/dt = v(Z, t) from t = eps to 1 and return (samples, NFE), plus the trajectory
+# (steps + 1, *z.shape) when asked.
+
+def broadcast_time(t, x):
+    return t.view(-1, *[1] * (x.dim() - 1))
+
+
+def interpolate(x0, x1, t):
+    t = broadcast_time(t, x1)
+    return t * x1 + (1 - t) * x0
+
+
+def sample_time(x):
+    """One training time per example of x, uniform on [eps, 1]."""
+    return EPS + (1 - EPS) * torch.rand(len(x), device=x.device, dtype=x.dtype)
+
+
+def _at(t, z):
+    return torch.full((len(z),), float(t), device=z.device, dtype=z.dtype)
+
+
+def _result(x, nfe, path, trajectory):
+    return (x, nfe, torch.stack(path)) if trajectory else (x, nfe)
+
+
+@torch.no_grad()
+def euler_sample(velocity, z, n=1, eps=EPS, trajectory=False):
+    """N uniform Euler steps; NFE = N."""
+    h, x, path = (1 - eps) / n, z, [z]
+    for i in range(n):
+        x = x + h * velocity(x, _at(eps + i * h, x))
+        path.append(x)
+    return _result(x, n, path, trajectory)
+
+
+@torch.no_grad()
+def one_step_sample(velocity, z, eps=EPS, trajectory=False):
+    """X1 ≈ X0 + (1 - eps)·v(X0, eps): exact when the flow's paths are straight."""
+    return euler_sample(velocity, z, 1, eps, trajectory)
+
+
+@torch.no_grad()
+def heun_sample(velocity, z, n=1, eps=EPS, trajectory=False):
+    """N Heun (trapezoidal) steps, the last one plain Euler: NFE = 2N - 1."""
+    h, x, path = (1 - eps) / n, z, [z]
+    for i in range(n):
+        t = eps + i * h
+        d = velocity(x, _at(t, x))
+        if i < n - 1:
+            d = (d + velocity(x + h * d, _at(t + h, x))) / 2
+        x = x + h * d
+        path.append(x)
+    return _result(x, 2 * n - 1, path, trajectory)
+
+
+@torch.no_grad()
+def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
+    """Adaptive Dormand-Prince RK45 from scipy on the flattened batch (the official
+    sampler for teachers and 2-rectified flows); NFE = the solver's function calls.
+    The state lives in float64 on the host, as scipy needs."""
+    def f(t, y):
+        x = torch.from_numpy(y).reshape(z.shape).to(z.device, z.dtype)
+        return velocity(x, _at(t, x)).double().cpu().numpy().reshape(-1)
+
+    sol = solve_ivp(f, (eps, 1), z.double().cpu().numpy().reshape(-1), method="RK45",
+                    rtol=rtol, atol=atol)
+    path = torch.from_numpy(sol.y.T).reshape(-1, *z.shape).to(z.device, z.dtype)
+    return _result(path[-1], sol.nfev, list(path), trajectory)
+
+
+SAMPLERS = ("one_step", "euler", "heun", "rk45")
+
+
+def sample_with(velocity, z, sampler, nfe=1, rtol=1e-5, atol=1e-5):
+    """Dispatch by name; nfe is the budget of the fixed-step samplers."""
+    if sampler == "one_step":
+        return one_step_sample(velocity, z)
+    if sampler == "euler":
+        return euler_sample(velocity, z, nfe)
+    if sampler == "heun":
+        return heun_sample(velocity, z, (nfe + 1) // 2)
+    return rk45_sample(velocity, z, rtol=rtol, atol=atol)
+
+
+# -----------------------------------------------------------------------------
+# 4. SlimFlow losses
+# One small class per objective (as in EDM's loss.py): called with the network being
+# trained, a batch and the step, each returns (loss, logs).
+#   RectifiedFlowLoss            the 1-rectified flow, random pairing (§2)
+#   AnnealingReflowLoss          SlimFlow stage 1, β(k) from 1 to 0 (§4)
+#   FlowGuidedDistillationLoss   SlimFlow stage 2, pairs + 2-RF regularization (§5)
+
+def velocity_loss(net, x0, x1):
+    """‖(X1 - X0) - v(X_t, t)‖², averaged, with t ~ U[eps, 1]."""
+    t = sample_time(x1)
+    return (net(interpolate(x0, x1, t), t) - (x1 - x0)).square().mean()
+
+
+class RectifiedFlowLoss:
+    def __call__(self, net, x1, step):
+        return velocity_loss(net, torch.randn_like(x1), x1), {}
+
+
+def annealing_beta(step, warmup, schedule="linear"):
+    """β(k): 1 at k = 0 (independent noise), falling to 0 (pure reflow) over K = warmup
+    steps. warmup = 0 is plain reflow from the first step."""
+    if warmup <= 0:
+        return 0.0
+    r = min(1.0, step / warmup)
+    if schedule == "linear":
+        return 1.0 - r
+    if schedule == "cosine":
+        return (1.0 + math.cos(math.pi * r)) / 2
+    if schedule == "exponential":
+        return math.exp(-step / warmup)
+    raise UsageError(f"unknown beta schedule {schedule!r}; choose linear, cosine or exponential")
+
+
+def mix_noise(z0, beta):
+    """X0^β = sqrt(1 - β²)·Z0 + β·ε: still exactly N(0, I) when Z0 is."""
+    return math.sqrt(1 - beta**2) * z0 + beta * torch.randn_like(z0)
+
+
+class AnnealingReflowLoss:
+    """Reflow on (Z0, Z1) whose noise side is blended with fresh noise by β(k): the small
+    student first learns the data from scratch, then gradually the teacher's coupling."""
+
+    def __init__(self, warmup, schedule="linear"):
+        self.warmup, self.schedule = warmup, schedule
+
+    def __call__(self, net, pair, step):
+        z0, z1 = pair
+        beta = annealing_beta(step, self.warmup, self.schedule)
+        return velocity_loss(net, mix_noise(z0, beta), z1), {"beta": beta}
+
+
+def l2_distance(a, b):
+    return (a - b).square().flatten(1).mean(1)
+
+
+def pseudo_huber_distance(a, b):
+    """sqrt(‖a - b‖² + c²) - c with c = 0.00054·sqrt(d), the constant of improved
+    consistency training: L2 near zero, L1-like for outliers."""
+    c = 0.00054 * math.sqrt(a[0].numel())
+    return ((a - b).square().flatten(1).sum(1) + c**2).sqrt() - c
+
+
+def lpips_distance(device):
+    try:
+        import lpips
+    except ImportError:
+        raise UsageError("--distance lpips needs the lpips package (pip install lpips); "
+                         "or use --distance l2 or huber") from None
+    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+
+    def distance(a, b):  # LPIPS works at 224x224, as in the official code
+        a, b = (F.interpolate(x, size=224, mode="bilinear") for x in (a, b))
+        return net(a, b).flatten()
+    return distance
+
+
+DISTANCES = {"l2": l2_distance, "huber": pseudo_huber_distance}
+
+
+class FlowGuidedDistillationLoss:
+    """L = D(G(Z0), Z1) + λ·D(G(z), target(z)) (§5).
+
+    target(z) is a two-step Euler solution of the frozen 2-rectified flow v2 from fresh
+    noise, split at t' ~ U(0.2, 0.8) and under stop-gradient; it teaches the generator
+    about noise that no stored pair covers. λ = 0 is naive distillation. The first half
+    step uses v2 ("paper") or the student's own u ("official", the released code)."""
+
+    def __init__(self, guide, distance=l2_distance, reg_weight=1.0, target_form="official"):
+        self.guide = guide.eval().requires_grad_(False)
+        self.distance, self.reg_weight, self.target_form = distance, reg_weight, target_form
+
+    @torch.no_grad()
+    def target(self, z, student_u):
+        t = 0.2 + 0.6 * torch.rand(len(z), device=z.device)
+        first = self.guide(z, _at(EPS, z)) if self.target_form == "paper" else student_u
+        x_mid = z + broadcast_time(t, z) * first
+        return x_mid + broadcast_time(1 - t, z) * self.guide(x_mid, t)
+
+    def __call__(self, generator, pair, step):
+        z0, z1 = pair
+        pair_loss = self.distance(generator(z0), z1).mean()
+        if self.reg_weight == 0:
+            return pair_loss, {"pair": pair_loss.item()}
+        z = torch.randn_like(z0)
+        x = generator(z)
+        reg_loss = self.distance(x, self.target(z, (x - z).detach())).mean()
+        return pair_loss + self.reg_weight * reg_loss, {"pair": pair_loss.item(), "reg": reg_loss.item()}
+
+
+# -----------------------------------------------------------------------------
+# 5. Metrics
+# Sliced Wasserstein-2 compares sample sets of any dimension through 1-D projections,
+# where optimal transport is sorting; the projections are fixed by a seed so that
+# numbers from different runs are comparable.
+
+def sliced_wasserstein(a, b, num_projections=256, seed=0):
+    """SW2(a, b) = sqrt(E_θ W2²(θᵀa, θᵀb)) over random unit directions θ; a, b: (n, ...)."""
+    a, b = a.flatten(1).double().cpu(), b.flatten(1).double().cpu()
+    if a.shape != b.shape:
+        raise ValueError(f"sliced_wasserstein needs equal-size sets, got {tuple(a.shape)} and {tuple(b.shape)}")
+    theta = torch.randn(a.shape[1], num_projections, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+    theta = theta / theta.norm(dim=0)
+    pa, pb = (a @ theta).sort(dim=0).values, (b @ theta).sort(dim=0).values
+    return (pa - pb).square().mean().sqrt().item()
+
+
+@torch.no_grad()
+def straightness(velocity, z, steps=100, eps=EPS):
+    """S(v) = E ∫ ‖(Z1 - Z0)/(1 - eps) - v(Z_t, t)‖² dt along v's own trajectories (§2),
+    estimated on an Euler path of `steps` steps from z: 0 when every path is a straight
+    line (and one Euler step is exact), larger the more the paths bend."""
+    x, _, path = euler_sample(velocity, z, steps, eps, trajectory=True)
+    h = (1 - eps) / steps
+    chord = (x - z) / (1 - eps)  # the constant velocity of the straight path z -> x
+    gaps = [(chord - (b - a) / h).square().flatten(1).sum(1).mean() for a, b in zip(path[:-1], path[1:])]
+    return torch.stack(gaps).mean().item()
+
+
+# -----------------------------------------------------------------------------
+# 6. Training loop
+# Written once; every stage calls it with its own objective. AdamW with linear warm-up,
+# gradient clipping, an EMA of the weights (used for sampling), atomic checkpoints that
+# hold everything needed to continue bit for bit (weights, EMA, optimizer, step, RNG).
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, made_by=None):
+    """A slimflow checkpoint as a dict; a missing or unreadable file is a UsageError."""
+    path = Path(path)
+    if not path.exists():
+        hint = f"; make it with: python slimflow.py {made_by}" if made_by else ""
+        raise UsageError(f"{path} not found{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"{path} is corrupt or not a slimflow file ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "slimflow":
+        raise UsageError(f"{path} is not a slimflow checkpoint")
+    return ckpt
+
+
+def check_compatible(ckpt, path, dataset=None, model=None):
+    if dataset is not None and ckpt["dataset"] != dataset:
+        raise UsageError(f"{path} was made for dataset {ckpt['dataset']!r}, not {dataset!r}")
+    if model is not None and ckpt["model_name"] != model:
+        raise UsageError(f"{path} holds a {ckpt['model_name']!r} network, not {model!r}")
+
+
+def network_from_checkpoint(ckpt, device):
+    """The EMA network stored in a checkpoint (an OneStepGenerator for distill)."""
+    net = build_model(ckpt["model_name"], tuple(ckpt["data_shape"]))
+    if ckpt["stage"] == "distill":
+        net = OneStepGenerator(net)
+    net.load_state_dict(ckpt["ema"])
+    return net.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def update_ema(ema, net, decay):
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(net, objective, data, args, ckpt_path, meta, preview=None):
+    """Optimise net on objective(net, data.sample(batch), step) for args.steps steps and
+    return the EMA network. meta (stage, dataset, model_name, data_shape) is stored with
+    every checkpoint; with args.resume an existing checkpoint is continued exactly."""
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    step, saved_step = 0, None
+    if args.resume and Path(ckpt_path).exists():
+        ckpt = read_checkpoint(ckpt_path)
+        check_compatible(ckpt, ckpt_path, meta["dataset"], meta["model_name"])
+        net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        step = saved_step = ckpt["step"]
+        print(f"[{meta['stage']}] resumed from {ckpt_path} at step {step}")
+
+    def save():
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise TrainingError(f"[{meta['stage']}] weights are not finite at step {step}; "
+                                f"last good checkpoint: {ckpt_path} (step {saved_step})")
+        save_atomic({"format": "slimflow", **meta, "step": step, "model": net.state_dict(),
+                     "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
+                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}},
+                    ckpt_path)
+
+    net.train()
+    tic, tic_step = time.time(), step
+    while step < args.steps:
+        for group in opt.param_groups:  # linear warm-up of the learning rate
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        loss, logs = objective(net, data.sample(args.batch_size), step)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"[{meta['stage']}] loss is {loss.item()} at step {step}; stopped. "
+                                f"Last good checkpoint: {ckpt_path} (step {saved_step})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+        opt.step()
+        step += 1
+        update_ema(ema, net, min(args.ema_decay, (1 + step) / (10 + step)))  # short runs: warm EMA
+
+        if step % args.log_every == 0 or step == args.steps:
+            rate = (step - tic_step) / (time.time() - tic)
+            extra = "".join(f"  {k} {v:.4f}" for k, v in logs.items())
+            print(f"[{meta['stage']}] step {step}/{args.steps}  loss {loss.item():.4f}{extra}  {rate:.1f} it/s",
+                  flush=True)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save()
+            saved_step = step
+        if preview is not None and args.preview_every and step % args.preview_every == 0:
+            preview(ema, step)
+    return ema
+
+
+# -----------------------------------------------------------------------------
+# 7. Stages
+# Each stage reads what the previous one wrote under --out (runs/<dataset>):
+#   teacher.pt -> pairs.pt -> reflow.pt -> distill.pt -> samples_<stage>.npy/.png
+
+STAGE_FILES = {"teacher": "teacher.pt", "pairs": "pairs.pt", "reflow": "reflow.pt", "distill": "distill.pt"}
+FLOW_STAGES = ("teacher", "reflow", "distill")
+
+
+def is_toy(args):
+    return args.dataset in TOY_DATASETS
+
+
+def out_path(args, stage):
+    return Path(args.out) / STAGE_FILES[stage]
+
+
+def make_command(args, stage):
+    return f"--dataset {args.dataset} --out {args.out} --stage {stage}"
+
+
+def refuse_overwrite(args, path):
+    """Never destroy work: a finished stage is continued with --resume or redone with --overwrite."""
+    if Path(path).exists() and not (args.resume or args.overwrite):
+        raise UsageError(f"{path} exists; pass --resume to continue it or --overwrite to start over")
+
+
+def data_shape(args):
+    return (2,) if is_toy(args) else (1 if args.dataset in ("mnist", "fashion_mnist") else 3,
+                                      args.image_size, args.image_size)
+
+
+def training_data(args):
+    if is_toy(args):  # a large fixed pool of points stands in for the distribution
+        return TrainingData(toy_data(args.dataset, 100_000, args.seed), device=args.device)
+    x = image_dataset(args.dataset, args.data_dir, args.image_size, args.max_images, args.seed)
+    print(f"[data] {args.dataset}: {len(x)} images of shape {tuple(x.shape[1:])}")
+    return TrainingData(x, flip=args.flip, device=args.device)
+
+
+def load_pairs(args):
+    path = out_path(args, "pairs")
+    pairs = read_checkpoint(path, made_by=make_command(args, "pairs"))
+    check_compatible(pairs, path, args.dataset)
+    return TrainingData(pairs["z0"], pairs["z1"], flip=args.flip and not is_toy(args), device=args.device)
+
+
+def load_stage_network(args, stage):
+    path = out_path(args, stage)
+    ckpt = read_checkpoint(path, made_by=make_command(args, stage))
+    check_compatible(ckpt, path, args.dataset)
+    return network_from_checkpoint(ckpt, args.device), ckpt
+
+
+def save_preview(x, path, data=None):
+    """A PNG of samples: an image grid, or a 2-D scatter over the data."""
+    if x.dim() == 4:
+        import torchvision
+        torchvision.utils.save_image((x[:64].float().cpu() + 1) / 2, path, nrow=8)
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if data is not None:
+        ax.scatter(*data[:2000].T, s=2, c="0.7", label="data")
+    ax.scatter(*x[:2000].cpu().T, s=2, c="C0", label="samples")
+    ax.set(xlim=(-5, 5), ylim=(-5, 5), title=Path(path).stem)
+    ax.legend(loc="upper right", markerscale=4)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def previewer(args, stage, sample_fn):
+    """A preview callback for train(): samples of the current EMA network."""
+    folder = Path(args.out) / "previews"
+    z = torch.randn(64 if not is_toy(args) else 2000, *data_shape(args),
+                    generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    data = toy_data(args.dataset, 2000, args.seed + 1) if is_toy(args) else None
+
+    def preview(ema, step):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_preview(sample_fn(ema, z), folder / f"{stage}_{step:07d}.png", data)
+    return preview
+
+
+def run_training_stage(args, stage, model_name, objective, data, sample_fn, net=None):
+    """Train a fresh `model_name` network (or `net`, for distillation) with the one loop."""
+    torch.manual_seed(args.seed)
+    net = build_model(model_name, data_shape(args)) if net is None else net
+    module = OneStepGenerator(net) if stage == "distill" else net
+    meta = {"stage": stage, "dataset": args.dataset, "model_name": model_name, "data_shape": list(data_shape(args))}
+    print(f"[{stage}] {model_name}: {num_params(module):,} parameters, {args.steps} steps of batch "
+          f"{args.batch_size} on {args.device}")
+    return train(module.to(args.device), objective, data, args, out_path(args, stage), meta,
+                 previewer(args, stage, sample_fn))
+
+
+def stage_teacher(args):
+    refuse_overwrite(args, out_path(args, "teacher"))
+    run_training_stage(args, "teacher", args.teacher_model, RectifiedFlowLoss(), training_data(args),
+                       lambda v, z: euler_sample(v, z, 8)[0])
+
+
+def stage_pairs(args):
+    """(Z0, Z1 = ODE_v1(Z0)) with RK45, in batches; stored on the CPU (§3)."""
+    path = out_path(args, "pairs")
+    if path.exists() and args.resume:
+        print(f"[pairs] reusing {path}")
+        return
+    refuse_overwrite(args, path)
+    teacher, ckpt = load_stage_network(args, "teacher")
+    z0 = torch.randn(args.num_pairs, *data_shape(args), generator=torch.Generator().manual_seed(args.seed))
+    z1, nfes, tic = torch.empty_like(z0), [], time.time()
+    for i in range(0, args.num_pairs, args.pairs_batch):
+        x, nfe = rk45_sample(teacher, z0[i:i + args.pairs_batch].to(args.device), rtol=args.rtol, atol=args.atol)
+        z1[i:i + len(x)] = x.cpu()
+        nfes.append(nfe)
+        print(f"[pairs] {i + len(x)}/{args.num_pairs}  NFE {nfe}  {time.time() - tic:.1f}s", flush=True)
+    save_atomic({"format": "slimflow", "stage": "pairs", "dataset": args.dataset, "z0": z0, "z1": z1,
+                 "teacher_nfe": float(np.mean(nfes))}, path)
+    print(f"[pairs] wrote {args.num_pairs} pairs to {path} (mean RK45 NFE {np.mean(nfes):.0f})")
+
+
+def stage_reflow(args):
+    refuse_overwrite(args, out_path(args, "reflow"))
+    print(f"[reflow] Annealing Reflow: beta {args.beta_schedule} over {args.beta_warmup} steps")
+    run_training_stage(args, "reflow", args.model, AnnealingReflowLoss(args.beta_warmup, args.beta_schedule),
+                       load_pairs(args), lambda v, z: one_step_sample(v, z)[0])
+
+
+def stage_distill(args):
+    refuse_overwrite(args, out_path(args, "distill"))
+    guide, ckpt = load_stage_network(args, "reflow")
+    pairs = load_pairs(args)
+    if args.distance == "lpips" and is_toy(args):
+        raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
+    distance = lpips_distance(args.device) if args.distance == "lpips" else DISTANCES[args.distance]
+    objective = FlowGuidedDistillationLoss(guide, distance, args.reg_weight, args.target_form)
+    print(f"[distill] Flow-Guided Distillation: distance {args.distance}, lambda {args.reg_weight}, "
+          f"target {args.target_form}")
+    student = copy.deepcopy(guide).train().requires_grad_(True)  # u starts as the 2-rectified flow
+    run_training_stage(args, "distill", ckpt["model_name"], objective, pairs, lambda g, z: g(z), net=student)
+
+
+def generate(net, stage, z, args):
+    """Samples and NFE from a stage's network: the generator is one call."""
+    if stage == "distill":
+        with torch.no_grad():
+            return net(z), 1
+    return sample_with(net, z, args.sampler, args.nfe, args.rtol, args.atol)
+
+
+def stage_sample(args):
+    stage = args.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(args, s).exists()), "teacher")
+    net, _ = load_stage_network(args, stage)
+    z = torch.randn(args.num_samples, *data_shape(args), generator=torch.Generator().manual_seed(args.seed))
+    batches = [generate(net, stage, zb.to(args.device), args) for zb in z.split(args.pairs_batch)]
+    x, nfe = torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
+    path = Path(args.out) / f"samples_{stage}.npy"
+    np.save(path, x.numpy())
+    save_preview(x, path.with_suffix(".png"), toy_data(args.dataset, 2000, args.seed + 1) if is_toy(args) else None)
+    print(f"[sample] {len(x)} samples from {stage} ({args.sampler if stage != 'distill' else 'generator'}, "
+          f"NFE {nfe}) -> {path} and {path.with_suffix('.png')}")
+
+
+def toy_report(args):
+    """The default run's table: every model's distance to the data on --num-samples
+    samples, next to the floor (the same distance between two independent data draws)."""
+    n = args.num_samples
+    teacher, _ = load_stage_network(args, "teacher")
+    flow2, _ = load_stage_network(args, "reflow")
+    generator, _ = load_stage_network(args, "distill")
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(args.seed + 2)).to(args.device)
+    data = toy_data(args.dataset, n, args.seed + 3)
+    floor = sliced_wasserstein(toy_data(args.dataset, n, args.seed + 4), data)
+    rows = [("data floor (two data draws)", None, None, floor)]
+    for name, net, (x, nfe) in [
+            ("teacher, 1-RF (RK45)", teacher, rk45_sample(teacher, z, rtol=args.rtol, atol=args.atol)),
+            ("teacher, 1-RF (one Euler step)", teacher, one_step_sample(teacher, z)),
+            ("2-rectified flow (one Euler step)", flow2, one_step_sample(flow2, z)),
+            ("SlimFlow one-step generator", generator, (generator(z), 1))]:
+        rows.append((name, num_params(net), nfe, sliced_wasserstein(x, data)))
+    lines = [f"{'model':36s}{'params':>10s}{'NFE':>6s}{'SW2':>9s}{'/floor':>8s}"]
+    for name, params, nfe, sw in rows:
+        lines.append(f"{name:36s}{f'{params:,}' if params else '-':>10}{nfe or '-':>6}{sw:9.4f}{sw / floor:8.2f}")
+    print("\n".join(lines))
+    (Path(args.out) / "results.json").write_text(json.dumps(
+        [dict(model=r[0], params=r[1], nfe=r[2], sw2=r[3]) for r in rows], indent=1))
+    plot_trajectories(args, teacher, flow2, generator)
+    return rows
+
+
+def plot_trajectories(args, teacher, flow2, generator, n=300):
+    """Noise-to-data paths: curved for the teacher, nearly straight after reflow, one
+    jump for the generator."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(args.seed + 5)).to(args.device)
+    _, _, path_t = rk45_sample(teacher, z, trajectory=True)
+    _, _, path_2 = euler_sample(flow2, z, 20, trajectory=True)
+    path_g = torch.stack([z, generator(z)])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
+    data = toy_data(args.dataset, 3000, args.seed + 6)
+    for ax, path, title in zip(axes, (path_t, path_2, path_g), (
+            "1-rectified flow teacher (RK45)", "2-rectified flow student (20 Euler steps)",
+            "SlimFlow one-step generator")):
+        path = path.cpu()
+        ax.scatter(*data.T, s=1, c="0.8")
+        ax.plot(path[:, :, 0], path[:, :, 1], c="C0", lw=0.4, alpha=0.5)
+        ax.scatter(*path[0].T, s=3, c="C1", label="noise Z0")
+        ax.scatter(*path[-1].T, s=3, c="C2", label="sample")
+        ax.set(title=title, xlim=(-5, 5), ylim=(-5, 5))
+    axes[0].legend(loc="upper right", markerscale=3)
+    path = Path(args.out) / "trajectories.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print(f"[all] trajectories -> {path}")
+
+
+def stage_all(args):
+    tic = time.time()
+    for stage in ("teacher", "pairs", "reflow", "distill"):
+        configure_stage(args, stage)
+        STAGES[stage](args)
+    if is_toy(args):
+        toy_report(args)
+    else:
+        for stage in FLOW_STAGES:
+            args.sample_from, args.sampler = stage, ("rk45" if stage == "teacher" else "one_step")
+            stage_sample(args)
+    print(f"[all] done in {time.time() - tic:.0f}s; outputs in {args.out}")
+
+
+STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow,
+          "distill": stage_distill, "sample": stage_sample, "all": stage_all}
+
+
+# -----------------------------------------------------------------------------
+# 8. Command line
+# Defaults depend on the kind of data (toy or image) and the stage; any flag given on the
+# command line wins. The image defaults are the official CIFAR10 settings (§4, §6).
+
+DEFAULTS = {
+    "toy": dict(teacher_model="mlp-256x3", model="mlp-96x3", batch_size=256, lr=1e-3, warmup=100,
+                grad_clip=1.0, ema_decay=0.999, num_pairs=20_000, pairs_batch=20_000, num_samples=10_000,
+                log_every=500, ckpt_every=1000, preview_every=0, beta_warmup=1000,
+                steps=dict(teacher=3000, reflow=3000, distill=2000)),
+    "image": dict(teacher_model="rf-61.8m", model="slim-15.7m", batch_size=128, lr=2e-4, warmup=5000,
+                  grad_clip=1.0, ema_decay=0.9999, num_pairs=50_000, pairs_batch=500, num_samples=64,
+                  log_every=100, ckpt_every=5000, preview_every=5000, beta_warmup=300_000,
+                  steps=dict(teacher=800_000, reflow=500_000, distill=200_000)),
+    "shapes": dict(teacher_model="unet-tiny", model="unet-micro", batch_size=64, lr=1e-3, warmup=100,
+                   ema_decay=0.999, num_pairs=2000, pairs_batch=500, log_every=50, ckpt_every=500,
+                   preview_every=500, beta_warmup=500, steps=dict(teacher=2000, reflow=1000, distill=500)),
+}
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def non_negative(kind):
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2 (through main), not a usage dump
+        raise UsageError(message)
+
+
+def parse_args(argv=None):
+    p = Parser(description="SlimFlow: small one-step generators with rectified flow.")
+    p.add_argument("--dataset", default="8gaussians", choices=TOY_DATASETS + IMAGE_DATASETS)
+    p.add_argument("--stage", default="all", choices=tuple(STAGES))
+    p.add_argument("--out", help="run directory (default runs/<dataset>)")
+    p.add_argument("--data-dir", default="data", help="where image datasets are downloaded or read")
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--max-images", type=positive_int, help="use at most this many training images")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips of images and pairs (default on for images)")
+    p.add_argument("--teacher-model", help=f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}")
+    p.add_argument("--model", help="student preset (reflow and distill)")
+    p.add_argument("--steps", type=positive_int, help="training steps of the stage (all: of every stage)")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--warmup", type=non_negative(int), help="learning-rate warm-up steps")
+    p.add_argument("--weight-decay", type=non_negative(float), default=0.0)
+    p.add_argument("--grad-clip", type=non_negative(float), help="max gradient norm (0: off)")
+    p.add_argument("--ema-decay", type=non_negative(float))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--resume", action="store_true", help="continue the stage's checkpoint exactly")
+    p.add_argument("--overwrite", action="store_true", help="start the stage over, replacing its output")
+    p.add_argument("--log-every", type=positive_int)
+    p.add_argument("--ckpt-every", type=positive_int)
+    p.add_argument("--preview-every", type=non_negative(int), help="sample previews every N steps (0: off)")
+    p.add_argument("--num-pairs", type=positive_int, help="reflow pairs to generate")
+    p.add_argument("--pairs-batch", type=positive_int, help="batch size of RK45 pair generation and sampling")
+    p.add_argument("--rtol", type=positive_float, default=1e-5, help="RK45 relative tolerance")
+    p.add_argument("--atol", type=positive_float, default=1e-5, help="RK45 absolute tolerance")
+    p.add_argument("--beta-warmup", type=non_negative(int), help="Annealing Reflow K (0: plain reflow)")
+    p.add_argument("--beta-schedule", default="linear", choices=("linear", "cosine", "exponential"))
+    p.add_argument("--distance", default="l2", choices=("l2", "huber", "lpips"))
+    p.add_argument("--reg-weight", type=non_negative(float), default=1.0,
+                   help="lambda of the 2-rectified-flow regularization (0: naive distillation)")
+    p.add_argument("--target-form", default="official", choices=("official", "paper"),
+                   help="first half step of the regularization target by the student (official) or v2 (paper)")
+    p.add_argument("--sampler", default="rk45", choices=SAMPLERS)
+    p.add_argument("--nfe", type=positive_int, default=1, help="NFE of the euler and heun samplers")
+    p.add_argument("--from", dest="sample_from", choices=FLOW_STAGES, help="stage to sample (default: latest)")
+    p.add_argument("--num-samples", type=positive_int)
+    args = p.parse_args(argv)
+    args.explicit = {k for k, v in vars(args).items() if v is not None}
+    args.out = args.out or str(Path("runs") / args.dataset)
+    args.device = resolve_device(args.device)
+    args.flip = (not is_toy(args)) if args.flip is None else args.flip
+    configure_stage(args, args.stage)
+    return args
+
+
+def configure_stage(args, stage):
+    """Fill every flag the user did not give from DEFAULTS for this data and stage."""
+    kind = "toy" if is_toy(args) else "image"
+    defaults = {**DEFAULTS[kind], **(DEFAULTS["shapes"] if args.dataset == "shapes" else {})}
+    for key, value in defaults.items():
+        if key == "steps":
+            if "steps" not in args.explicit:
+                args.steps = value.get(stage, 1)
+        elif key not in args.explicit:
+            setattr(args, key, value)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except Exception:
+        raise UsageError(f"device {name!r} is not available here") from None
+    return name
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        torch.manual_seed(args.seed)
+        STAGES[args.stage](args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,473 @@
+"""Tests of slimflow.py: exact values where the math gives them, official sizes, round
+trips, bad input, and tiny end-to-end runs. `python -m pytest -q` runs them on a CPU."""
+
+import gzip
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import slimflow as sf
+
+HERE = Path(__file__).parent
+
+
+# ----------------------------------------------------------------------------- networks
+
+OFFICIAL_PARAMS = {"rf-61.8m": 61_804_419, "slim-27.9m": 27_906_179, "slim-15.7m": 15_707_235,
+                   "slim-7.0m": 6_989_891, "slim-3.4m": 3_437_123}
+
+
+@pytest.mark.parametrize("name", OFFICIAL_PARAMS)
+def test_unet_has_official_parameter_count(name):
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        net = sf.UNet(**sf.PRESETS[name])
+    assert sf.num_params(net) == OFFICIAL_PARAMS[name]
+
+
+def test_unet_maps_images_to_velocities_of_same_shape():
+    net = sf.UNet(**sf.PRESETS["unet-micro"], in_ch=1, image_size=16)
+    x = torch.randn(2, 1, 16, 16)
+    assert net(x, torch.rand(2)).shape == x.shape
+
+
+def test_unet_starts_at_zero_velocity():
+    # zero-initialised output convolution, as in the official code
+    net = sf.UNet(**sf.PRESETS["unet-micro"])
+    assert net(torch.randn(2, 3, 32, 32), torch.rand(2)).abs().max() == 0
+
+
+def test_time_embedding_is_sines_then_cosines_of_999t():
+    t = torch.tensor([0.0, 0.5])
+    emb = sf.time_embedding(t, 8)
+    assert torch.allclose(emb[:, 0], torch.sin(999 * t)) and torch.allclose(emb[:, 4], torch.cos(999 * t))
+    assert torch.allclose(emb[:, 3], torch.sin(999 * t * 1e-4), atol=1e-6)  # lowest frequency 1/10000
+
+
+def test_build_model_rejects_preset_of_the_other_kind():
+    with pytest.raises(sf.UsageError, match="does not fit image data"):
+        sf.build_model("mlp-96x3", (3, 32, 32))
+
+
+# ----------------------------------------------------------------------------- samplers
+# dZ/dt = c (constant) and dZ/dt = a·Z have closed forms for every fixed-step method;
+# dZ/dt = -Z³ is non-linear with Z(1) = Z(eps) / sqrt(1 + 2·Z(eps)²·(1 - eps)).
+
+def constant_field(c):
+    return lambda x, t: torch.full_like(x, c)
+
+
+def linear_field(a):
+    return lambda x, t: a * x
+
+
+@pytest.mark.parametrize("n", [1, 3, 10])
+def test_euler_is_exact_on_a_constant_field(n):
+    z = torch.randn(5, 2, dtype=torch.float64)
+    x, nfe = sf.euler_sample(constant_field(0.7), z, n)
+    assert nfe == n
+    assert torch.allclose(x, z + 0.7 * (1 - sf.EPS), atol=1e-12, rtol=0)
+
+
+def test_one_step_is_one_euler_step():
+    z = torch.randn(5, 2, dtype=torch.float64)
+    x, nfe = sf.one_step_sample(linear_field(-0.5), z)
+    assert nfe == 1 and torch.allclose(x, z * (1 - 0.5 * (1 - sf.EPS)), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_euler_and_heun_match_their_closed_forms_on_a_linear_field(n):
+    a, z, h = -0.8, torch.randn(4, 3, dtype=torch.float64), (1 - sf.EPS) / n
+    x, nfe = sf.euler_sample(linear_field(a), z, n)
+    assert nfe == n and torch.allclose(x, z * (1 + a * h) ** n, atol=1e-12, rtol=0)
+    x, nfe = sf.heun_sample(linear_field(a), z, n)  # trapezoidal steps, the last one Euler
+    expected = z * (1 + a * h + (a * h) ** 2 / 2) ** (n - 1) * (1 + a * h)
+    assert nfe == 2 * n - 1 and torch.allclose(x, expected, atol=1e-12, rtol=0)
+
+
+def test_rk45_solves_a_nonlinear_ode_within_its_tolerance():
+    z = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
+    exact = z / torch.sqrt(1 + 2 * z**2 * (1 - sf.EPS))
+    x, nfe, path = sf.rk45_sample(lambda x, t: -x**3, z, rtol=1e-6, atol=1e-6, trajectory=True)
+    assert (x - exact).abs().max() < 1e-5
+    assert nfe > 6 and torch.equal(path[0], z) and torch.equal(path[-1], x)
+    x_loose, nfe_loose = sf.rk45_sample(lambda x, t: -x**3, z, rtol=1e-3, atol=1e-3)
+    assert nfe_loose < nfe and (x_loose - exact).abs().max() < 1e-2
+
+
+def test_trajectories_run_from_noise_to_sample():
+    z = torch.randn(6, 2)
+    for sample, steps in [(lambda v, z: sf.euler_sample(v, z, 4, trajectory=True), 5),
+                          (lambda v, z: sf.heun_sample(v, z, 3, trajectory=True), 4)]:
+        x, _, path = sample(linear_field(0.3), z)
+        assert path.shape == (steps, 6, 2) and torch.equal(path[0], z) and torch.equal(path[-1], x)
+
+
+def test_samplers_pass_time_of_shape_batch():
+    seen = []
+    sf.rk45_sample(lambda x, t: seen.append(t.shape) or x * 0, torch.zeros(3, 2))
+    sf.heun_sample(lambda x, t: seen.append(t.shape) or x * 0, torch.zeros(3, 2), 2)
+    assert set(seen) == {(3,)}
+
+
+# ----------------------------------------------------------------------------- Annealing Reflow
+
+@pytest.mark.parametrize("schedule, at_half, at_end, at_twice", [
+    ("linear", 0.5, 0.0, 0.0),
+    ("cosine", 0.5, 0.0, 0.0),
+    ("exponential", math.exp(-0.5), math.exp(-1.0), math.exp(-2.0)),
+])
+def test_annealing_beta_at_its_endpoints(schedule, at_half, at_end, at_twice):
+    K = 1000
+    assert sf.annealing_beta(0, K, schedule) == 1.0
+    assert sf.annealing_beta(K // 2, K, schedule) == pytest.approx(at_half, abs=1e-12)
+    assert sf.annealing_beta(K, K, schedule) == pytest.approx(at_end, abs=1e-12)
+    assert sf.annealing_beta(2 * K, K, schedule) == pytest.approx(at_twice, abs=1e-12)
+    assert sf.annealing_beta(0, 0, schedule) == 0.0  # K = 0: plain reflow
+
+
+def test_linear_beta_is_monotone():
+    betas = [sf.annealing_beta(k, 100, "cosine") for k in range(0, 120, 5)]
+    assert all(a >= b for a, b in zip(betas, betas[1:]))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.8, 1.0])
+def test_noise_mix_keeps_unit_variance(beta):
+    torch.manual_seed(0)
+    z0 = torch.randn(400_000)
+    x0 = sf.mix_noise(z0, beta)
+    assert x0.var().item() == pytest.approx(1.0, abs=0.01)
+    assert (x0 * z0).mean().item() == pytest.approx(math.sqrt(1 - beta**2), abs=0.01)  # keeps the coupling
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_flow_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
+    # data = m: X_t = t·m + (1 - t)·X0, so (m - X_t)/(1 - t) = m - X0 exactly
+    m = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    x1 = m.expand(256, 2)
+    loss, _ = sf.RectifiedFlowLoss()(lambda x, t: (m - x) / (1 - t[:, None]), x1, 0)
+    assert loss.item() < 1e-20
+
+
+def test_reflow_loss_is_zero_for_a_perfect_student_once_beta_is_zero():
+    c = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    z0 = torch.randn(128, 2, dtype=torch.float64)
+    loss_fn = sf.AnnealingReflowLoss(warmup=10)
+    perfect = lambda x, t: c.expand_as(x)  # noqa: E731 -- the straight coupling Z1 = Z0 + c
+    assert loss_fn(perfect, (z0, z0 + c), 10)[0].item() < 1e-20
+    assert loss_fn(perfect, (z0, z0 + c), 0)[0].item() > 0.1  # β = 1: independent noise, not the pair
+
+
+@pytest.mark.parametrize("form", ["paper", "official"])
+@pytest.mark.parametrize("distance", ["l2", "huber"])
+def test_distillation_loss_is_zero_for_a_perfect_generator(form, distance):
+    c = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    u = lambda x, t: c.expand_as(x)  # noqa: E731
+    guide = sf.MLP()  # replaced by the straight field below
+    loss_fn = sf.FlowGuidedDistillationLoss(guide, sf.DISTANCES[distance], 1.0, form)
+    loss_fn.guide = u
+    z0 = torch.randn(64, 2, dtype=torch.float64)
+    generator = lambda z: z + u(z, None)  # noqa: E731
+    loss, logs = loss_fn(generator, (z0, z0 + c), 0)
+    assert loss.item() < 1e-12 and set(logs) == {"pair", "reg"}
+
+
+def test_distillation_sends_no_gradient_into_the_frozen_flow():
+    torch.manual_seed(0)
+    guide = sf.MLP(hidden=16, depth=2)
+    generator = sf.OneStepGenerator(sf.MLP(hidden=16, depth=2))
+    z0 = torch.randn(32, 2)
+    loss, _ = sf.FlowGuidedDistillationLoss(guide, sf.l2_distance, 1.0, "paper")(generator, (z0, z0 + 1), 0)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in guide.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
+
+
+def test_naive_distillation_skips_the_regularizer():
+    torch.manual_seed(0)
+    calls = []
+    guide = lambda x, t: calls.append(1) or x  # noqa: E731
+    loss_fn = sf.FlowGuidedDistillationLoss(sf.MLP(hidden=4, depth=1), sf.l2_distance, 0.0)
+    loss_fn.guide = guide
+    z0 = torch.randn(8, 2)
+    _, logs = loss_fn(lambda z: z, (z0, z0 + 1), 0)
+    assert calls == [] and set(logs) == {"pair"}
+
+
+def test_pseudo_huber_is_zero_at_equality_and_linear_far_away():
+    a = torch.zeros(3, 4)
+    assert sf.pseudo_huber_distance(a, a).abs().max() < 1e-12
+    b = torch.full((3, 4), 10.0)  # ‖a - b‖ = 20
+    assert torch.allclose(sf.pseudo_huber_distance(a, b), torch.full((3,), 20.0), atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_sliced_wasserstein_in_one_dimension_is_the_shift():
+    a = torch.randn(1000, 1)
+    assert sf.sliced_wasserstein(a, a) == 0.0
+    assert sf.sliced_wasserstein(a, a + 0.25) == pytest.approx(0.25, abs=1e-9)
+    assert sf.sliced_wasserstein(a, a.flip(0)) == 0.0  # order does not matter
+
+
+def test_sliced_wasserstein_rejects_sets_of_different_size():
+    with pytest.raises(ValueError, match="equal-size"):
+        sf.sliced_wasserstein(torch.randn(10, 2), torch.randn(11, 2))
+
+
+def test_straightness_is_zero_for_straight_paths_and_positive_for_curved_ones():
+    z = torch.randn(64, 2, dtype=torch.float64)
+    assert sf.straightness(constant_field(1.3), z) < 1e-20
+    assert sf.straightness(lambda x, t: x * 0 + torch.tensor([1.0, -2.0], dtype=x.dtype), z) < 1e-20
+    rotation = lambda x, t: torch.stack([-x[:, 1], x[:, 0]], 1)  # noqa: E731 -- paths are circle arcs
+    assert sf.straightness(rotation, z) > 0.1
+    # x' = a·x from Z0 = (1, 1): Z(t) = Z0·e^(a(t - eps)), S = ‖Z0‖²/T·∫ (chord - a·e^(a(t-eps)))² dt
+    a, T = 1.0, 1 - sf.EPS
+    chord = (math.exp(a * T) - 1) / T
+    exact = 2 * (chord**2 - 2 * chord * (math.exp(a * T) - 1) / T + a * (math.exp(2 * a * T) - 1) / (2 * T))
+    assert sf.straightness(linear_field(a), torch.ones(4, 2, dtype=torch.float64), steps=1000) == \
+        pytest.approx(exact, rel=0.01)
+
+
+def test_lpips_without_the_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips raises ImportError
+    with pytest.raises(sf.UsageError, match="pip install lpips"):
+        sf.lpips_distance("cpu")
+
+
+# ----------------------------------------------------------------------------- data
+
+@pytest.mark.parametrize("name", sf.TOY_DATASETS)
+def test_toy_data_is_reproducible_and_bounded(name):
+    x = sf.toy_data(name, 5000, seed=3)
+    assert x.shape == (5000, 2) and torch.equal(x, sf.toy_data(name, 5000, seed=3))
+    assert not torch.equal(x, sf.toy_data(name, 5000, seed=4))
+    assert x.abs().max() < 6 and x.std() > 0.5
+
+
+def test_shapes_images_are_varied_uint8():
+    x = sf.shapes_images(50, 32, seed=0)
+    assert x.shape == (50, 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(x, sf.shapes_images(50, 32, seed=0))
+    per_image_colours = [torch.unique(img.reshape(3, -1), dim=1).shape[1] for img in x]
+    assert set(per_image_colours) == {2}  # one shape on a plain background
+    assert x.float().std() > 50
+
+
+def test_idx_files_are_read_like_the_mnist_format(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    header = b"\x00\x00\x08\x03" + b"".join(int(v).to_bytes(4, "big") for v in (3, 28, 28))
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + images.tobytes())
+    x = sf.image_dataset("fashion_mnist", tmp_path, image_size=32)
+    assert x.shape == (3, 1, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(sf.read_idx_images(tmp_path / "train-images-idx3-ubyte.gz")[:, 0], torch.from_numpy(images))
+
+
+def test_folder_images_are_resized(tmp_path):
+    from PIL import Image
+    for i, size in enumerate([(40, 30), (64, 64)]):
+        Image.new("RGB", size, (i * 100, 20, 30)).save(tmp_path / f"{i}.png")
+    x = sf.image_dataset("folder", tmp_path, image_size=16)
+    assert x.shape == (2, 3, 16, 16) and x[1, 0, 0, 0] == 100
+
+
+def test_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(sf.UsageError, match="offline") as err:
+        sf.image_dataset("cifar10", tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_pairs_share_one_flip():
+    z = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 1, 1, 4)
+    data = sf.TrainingData(z, z.clone(), flip=True)
+    torch.manual_seed(0)
+    batches = [data.sample(16) for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in batches)
+    assert any(torch.equal(a[i, 0, 0], a[i, 0, 0].sort().values.flip(0)) for a, _ in batches for i in range(16))
+
+
+# ----------------------------------------------------------------------------- training loop
+
+TINY = ["--steps", "20", "--batch-size", "64", "--teacher-model", "mlp-64x2", "--model", "mlp-64x2",
+        "--num-pairs", "256", "--log-every", "10", "--ckpt-every", "10", "--num-samples", "500"]
+
+
+def run(tmp_path, *argv):
+    return sf.main(["--out", str(tmp_path), *TINY, *argv])
+
+
+def test_checkpoint_round_trip_gives_the_same_network(tmp_path):
+    args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher"])
+    torch.manual_seed(0)
+    net = sf.build_model("mlp-64x2", (2,))
+    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
+    ema = sf.train(net, sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)), args,
+                   tmp_path / "teacher.pt", meta)
+    loaded = sf.network_from_checkpoint(sf.read_checkpoint(tmp_path / "teacher.pt"), "cpu")
+    x, t = torch.randn(7, 2), torch.rand(7)
+    assert torch.equal(loaded(x, t), ema(x, t))
+
+
+def state_of(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt["step"], ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"]
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", ["teacher", "reflow"])
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, stage):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for out in (straight, split):
+        assert run(out, "--stage", "teacher") == 0
+        assert run(out, "--stage", "pairs") == 0
+    assert run(straight, "--stage", stage, "--overwrite", "--steps", "30") == 0
+    assert run(split, "--stage", stage, "--overwrite", "--steps", "10") == 0
+    assert run(split, "--stage", stage, "--resume", "--steps", "30") == 0
+    step_a, model_a, ema_a, opt_a = state_of(straight / f"{stage}.pt")
+    step_b, model_b, ema_b, opt_b = state_of(split / f"{stage}.pt")
+    assert step_a == step_b == 30
+    assert_same_tensors(model_a, model_b)
+    assert_same_tensors(ema_a, ema_b)
+    for k in opt_a:
+        assert_same_tensors(opt_a[k], opt_b[k])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher", "--ckpt-every", "5"])
+    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
+
+    def poisoned(net, x1, step):
+        loss, logs = sf.RectifiedFlowLoss()(net, x1, step)
+        return (loss * float("nan") if step == 7 else loss), logs
+    with pytest.raises(sf.TrainingError, match=r"loss is nan at step 7.*step 5"):
+        sf.train(sf.build_model("mlp-64x2", (2,)), poisoned, sf.TrainingData(torch.randn(100, 2)),
+                 args, tmp_path / "teacher.pt", meta)
+    ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "teacher.pt.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+# One line on stderr, exit status 2, and nothing that exists is modified.
+
+def assert_one_line_error(capsys, pattern):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert pattern in err, err
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--dataset", "nope"], "invalid choice: 'nope'"),
+    (["--stage", "nope"], "invalid choice: 'nope'"),
+    (["--steps", "0"], "must be a positive integer"),
+    (["--batch-size", "-4"], "must be a positive integer"),
+    (["--lr", "0"], "must be positive"),
+    (["--num-pairs", "0"], "must be a positive integer"),
+    (["--image-size", "-1"], "must be a positive integer"),
+    (["--device", "nope"], "device 'nope'"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, pattern):
+    assert sf.main(["--out", str(tmp_path), *argv]) == 2
+    assert_one_line_error(capsys, pattern)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_stage_without_its_input_names_the_command_that_makes_it(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "pairs") == 2
+    assert_one_line_error(capsys, f"make it with: python slimflow.py --dataset 8gaussians --out {tmp_path} --stage teacher")
+
+
+@pytest.fixture
+def teacher_run(tmp_path):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    return tmp_path, (tmp_path / "teacher.pt").read_bytes()
+
+
+def test_finished_work_is_not_overwritten_without_asking(teacher_run, capsys):
+    out, before = teacher_run
+    capsys.readouterr()
+    assert run(out, "--stage", "teacher") == 2
+    assert_one_line_error(capsys, "pass --resume to continue it or --overwrite")
+    assert (out / "teacher.pt").read_bytes() == before
+
+
+def test_resuming_with_another_architecture_is_refused(teacher_run, capsys):
+    out, before = teacher_run
+    capsys.readouterr()
+    assert run(out, "--stage", "teacher", "--resume", "--steps", "40", "--teacher-model", "mlp-96x3") == 2
+    assert_one_line_error(capsys, "holds a 'mlp-64x2' network, not 'mlp-96x3'")
+    assert (out / "teacher.pt").read_bytes() == before
+
+
+def test_a_checkpoint_of_another_dataset_is_refused(teacher_run, capsys):
+    out, before = teacher_run
+    capsys.readouterr()
+    assert run(out, "--stage", "pairs", "--dataset", "moons") == 2
+    assert_one_line_error(capsys, "made for dataset '8gaussians', not 'moons'")
+    assert not (out / "pairs.pt").exists()
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
+def test_a_corrupt_checkpoint_is_a_one_line_error(teacher_run, capsys, garbage):
+    out, _ = teacher_run
+    (out / "teacher.pt").write_bytes(garbage)
+    capsys.readouterr()
+    assert run(out, "--stage", "teacher", "--resume", "--steps", "40") == 2
+    assert_one_line_error(capsys, "is corrupt or not a slimflow file")
+    assert (out / "teacher.pt").read_bytes() == garbage
+    assert run(out, "--stage", "sample", "--from", "teacher") == 2
+
+
+def test_the_command_line_exits_with_status_2_and_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(HERE / "slimflow.py"), "--out", str(tmp_path), "--steps", "-3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_all_stages_on_a_2d_toy(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "all", "--dataset", "moons") == 0
+    out = capsys.readouterr().out
+    for name in ["teacher.pt", "pairs.pt", "reflow.pt", "distill.pt", "results.json", "trajectories.png"]:
+        assert (tmp_path / name).exists(), name
+    assert "SlimFlow one-step generator" in out and "data floor" in out
+    pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
+    assert pairs["z0"].shape == pairs["z1"].shape == (256, 2)
+    # every stage resumes as finished: nothing is retrained or rewritten
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")}
+    assert run(tmp_path, "--stage", "all", "--dataset", "moons", "--resume") == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")} == before
+    assert run(tmp_path, "--stage", "sample", "--dataset", "moons", "--sampler", "heun", "--nfe", "3") == 0
+    assert np.load(tmp_path / "samples_distill.npy").shape == (500, 2)
+    assert run(tmp_path, "--stage", "sample", "--dataset", "moons", "--from", "reflow", "--sampler", "euler",
+               "--nfe", "2") == 0
+    assert "NFE 2" in capsys.readouterr().out
+
+
+def test_all_stages_on_shapes_images(tmp_path, capsys):
+    argv = ["--dataset", "shapes", "--max-images", "64", "--teacher-model", "unet-micro", "--model", "unet-micro",
+            "--steps", "3", "--batch-size", "4", "--num-pairs", "8", "--pairs-batch", "8", "--num-samples", "4",
+            "--rtol", "1e-2", "--atol", "1e-2", "--preview-every", "3", "--out", str(tmp_path), "--stage", "all"]
+    assert sf.main(argv) == 0
+    for stage in sf.FLOW_STAGES:
+        x = np.load(tmp_path / f"samples_{stage}.npy")
+        assert x.shape == (4, 3, 32, 32) and np.isfinite(x).all()
+        assert (tmp_path / f"samples_{stage}.png").exists()
+        assert (tmp_path / "previews" / f"{stage}_0000003.png").exists()
+    pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
+    assert pairs["z1"].shape == (8, 3, 32, 32)
