@@ -348,6 +348,73 @@ MLP_PRESETS = {
 }
 
 
+# Official checkpoints (the Rectified Flow and SlimFlow code) name the U-Net's modules by
+# position, `all_modules.<i>`, in exactly the order ours are created:
+#     0, 1 -> time_mlp.0, time_mlp.2     2 -> input_conv     3 ... n-3 -> blocks.<i - 3>
+#     n-2  -> out_norm                   n-1 -> out_conv
+# and, inside a block, by the layer names below. Attention projections (NIN) store W as an
+# (in, out) matrix applied as x·W: the transpose of a 1x1 convolution's weight.
+OFFICIAL_RESBLOCK = {"GroupNorm_0": "norm1", "Conv_0": "conv1", "Dense_0": "temb_proj",
+                     "GroupNorm_1": "norm2", "Conv_1": "conv2", "Conv_2": "shortcut"}
+OFFICIAL_ATTENTION = {"GroupNorm_0": "norm", "NIN_0": "q", "NIN_1": "k", "NIN_2": "v", "NIN_3": "proj"}
+
+
+def _official_layout(keys, pattern):
+    """(number of official modules, indices of attention blocks) from the keys of either side."""
+    if pattern == "official":
+        idx = {int(k.split(".")[1]) for k in keys if k.startswith("all_modules.")}
+        attn = {int(k.split(".")[1]) for k in keys if ".NIN_" in k}
+        return max(idx) + 1, attn
+    blocks = {int(k.split(".")[1]) for k in keys if k.startswith("blocks.")}
+    attn = {int(k.split(".")[1]) + 3 for k in keys if k.startswith("blocks.") and ".q." in k}
+    return len(blocks) + 5, attn
+
+
+def from_official(state_dict):
+    """Official U-Net tensor names -> ours. Entries with no counterpart (such as the
+    `sigmas` buffer) are dropped and listed in one log line."""
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    n, attn = _official_layout(state_dict, "official")
+    ends = {0: "time_mlp.0", 1: "time_mlp.2", 2: "input_conv", n - 2: "out_norm", n - 1: "out_conv"}
+    out, ignored = {}, []
+    for key, value in state_dict.items():
+        if not key.startswith("all_modules."):
+            ignored.append(key)
+            continue
+        _, i, *rest = key.split(".")
+        i = int(i)
+        if i in ends:
+            out[".".join([ends[i], *rest])] = value
+            continue
+        layer, param = rest
+        if param in ("W", "b"):  # NIN: x·W + b is a 1x1 conv with weight Wᵀ
+            value, param = (value.t()[:, :, None, None], "weight") if param == "W" else (value, "bias")
+        names = OFFICIAL_ATTENTION if i in attn else OFFICIAL_RESBLOCK
+        out[f"blocks.{i - 3}.{names[layer]}.{param}"] = value
+    if ignored:
+        print(f"[load] official entries with no counterpart, ignored: {', '.join(ignored)}")
+    return out
+
+
+def to_official(state_dict):
+    """Our U-Net tensor names -> the official ones (no `module.` prefix)."""
+    n, attn = _official_layout(state_dict, "ours")
+    ends = {"time_mlp.0": 0, "time_mlp.2": 1, "input_conv": 2, "out_norm": n - 2, "out_conv": n - 1}
+    out = {}
+    for key, value in state_dict.items():
+        module, param = key.rsplit(".", 1)
+        if module in ends:
+            out[f"all_modules.{ends[module]}.{param}"] = value
+            continue
+        _, j, layer = module.split(".")
+        i = int(j) + 3
+        names = {ours: theirs for theirs, ours in (OFFICIAL_ATTENTION if i in attn else OFFICIAL_RESBLOCK).items()}
+        if names[layer].startswith("NIN"):
+            value, param = (value[:, :, 0, 0].t(), "W") if param == "weight" else (value, "b")
+        out[f"all_modules.{i}.{names[layer]}.{param}"] = value
+    return out
+
+
 def build_model(name, data_shape):
     """A network from a preset name for data of shape (2,) or (c, h, w)."""
     if name in MLP_PRESETS and len(data_shape) == 1:
@@ -616,8 +683,10 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def read_checkpoint(path, made_by=None):
-    """A slimflow checkpoint as a dict; a missing or unreadable file is a UsageError."""
+def read_checkpoint(path, made_by=None, official_ok=False):
+    """A checkpoint file as a dict: slimflow's own or, with official_ok, an official one (a
+    dict with `model`, `ema`, `optimizer`, `step`). A missing or unreadable file is a
+    UsageError."""
     path = Path(path)
     if not path.exists():
         hint = f"; make it with: python slimflow.py {made_by}" if made_by else ""
@@ -626,8 +695,9 @@ def read_checkpoint(path, made_by=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UsageError(f"{path} is corrupt or not a slimflow file ({type(err).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "slimflow":
-        raise UsageError(f"{path} is not a slimflow checkpoint")
+    ours = isinstance(ckpt, dict) and ckpt.get("format") == "slimflow"
+    if not (ours or official_ok and isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
+        raise UsageError(f"{path} is not a slimflow checkpoint" + (" nor an official one" if official_ok else ""))
     return ckpt
 
 
@@ -638,8 +708,53 @@ def check_compatible(ckpt, path, dataset=None, model=None):
         raise UsageError(f"{path} holds a {ckpt['model_name']!r} network, not {model!r}")
 
 
+def official_weights(ckpt, path):
+    """Official names -> tensors, with the EMA weights (a list in the official
+    model.parameters() order: every entry but the `sigmas` buffer) when present."""
+    weights = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    shadow = ckpt.get("ema", {}).get("shadow_params") if isinstance(ckpt.get("ema"), dict) else None
+    if shadow:
+        names = [k for k in weights if k.startswith("all_modules.")]
+        if len(names) != len(shadow):
+            raise UsageError(f"{path}: the EMA holds {len(shadow)} tensors but the model {len(names)}")
+        weights.update(zip(names, shadow))
+    return weights
+
+
+def check_tensors(found, expected, path):
+    """Every expected tensor present with its shape; a difference names the tensor."""
+    for name, tensor in expected.items():
+        if name not in found:
+            raise UsageError(f"{path}: tensor {name} is missing")
+        if found[name].shape != tensor.shape:
+            raise UsageError(f"{path}: tensor {name} has shape {tuple(found[name].shape)}, "
+                             f"the network needs {tuple(tensor.shape)}")
+    extra = [k for k in found if k not in expected]
+    if extra:
+        raise UsageError(f"{path}: tensors with no place in the network: {', '.join(extra[:5])}")
+
+
+def load_checkpoint(path, model, ckpt=None):
+    """Load a checkpoint's weights (the EMA when present) into `model`: a slimflow
+    checkpoint, or an official Rectified Flow / SlimFlow one into a UNet. `ckpt` is the
+    file's content when already read."""
+    ckpt = read_checkpoint(path, official_ok=True) if ckpt is None else ckpt
+    if ckpt.get("format") == "slimflow":
+        weights = ckpt["ema"]
+        check_tensors(weights, model.state_dict(), path)
+    else:
+        if not isinstance(model, UNet):
+            raise UsageError(f"{path} is an official checkpoint: it loads into a U-Net preset only")
+        weights = official_weights(ckpt, path)
+        check_tensors({k: v for k, v in weights.items() if k.startswith("all_modules.")},
+                      to_official(model.state_dict()), path)
+        weights = from_official(weights)
+    model.load_state_dict(weights)
+    return model
+
+
 def network_from_checkpoint(ckpt, device):
-    """The EMA network stored in a checkpoint (an OneStepGenerator for distill)."""
+    """The EMA network stored in a slimflow checkpoint (an OneStepGenerator for distill)."""
     net = build_model(ckpt["model_name"], tuple(ckpt["data_shape"]))
     if ckpt["stage"] == "distill":
         net = OneStepGenerator(net)
@@ -767,8 +882,15 @@ def load_pairs(args):
 
 
 def load_stage_network(args, stage):
-    path = out_path(args, stage)
-    ckpt = read_checkpoint(path, made_by=make_command(args, stage))
+    """A stage's EMA network: from --teacher-ckpt (teacher) or --init-ckpt (the
+    2-rectified flow) when given, in our format or the official one; else from --out."""
+    given = {"teacher": args.teacher_ckpt, "reflow": args.init_ckpt}.get(stage)
+    path = Path(given) if given else out_path(args, stage)
+    ckpt = read_checkpoint(path, made_by=make_command(args, stage), official_ok=bool(given))
+    if ckpt.get("format") != "slimflow":  # official: the architecture comes from the preset flag
+        model_name = args.teacher_model if stage == "teacher" else args.model
+        net = load_checkpoint(path, build_model(model_name, data_shape(args)), ckpt)
+        return net.to(args.device).eval().requires_grad_(False), {"model_name": model_name}
     check_compatible(ckpt, path, args.dataset)
     return network_from_checkpoint(ckpt, args.device), ckpt
 
@@ -1018,6 +1140,8 @@ def parse_args(argv=None):
                    help="random horizontal flips of images and pairs (default on for images)")
     p.add_argument("--teacher-model", help=f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}")
     p.add_argument("--model", help="student preset (reflow and distill)")
+    p.add_argument("--teacher-ckpt", help="teacher checkpoint to use instead of <out>/teacher.pt (ours or official)")
+    p.add_argument("--init-ckpt", help="2-rectified flow to distill instead of <out>/reflow.pt (ours or official)")
     p.add_argument("--steps", type=positive_int, help="training steps of the stage (all: of every stage)")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)

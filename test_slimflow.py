@@ -471,3 +471,105 @@ def test_all_stages_on_shapes_images(tmp_path, capsys):
         assert (tmp_path / "previews" / f"{stage}_0000003.png").exists()
     pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
     assert pairs["z1"].shape == (8, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- official checkpoints
+
+def reference_layouts():
+    """{preset: {official name: shape}} from the official networks' tensor listing."""
+    text = (HERE.parent / "shared" / "reference" / "ncsnpp_state_dict.txt").read_text()
+    layouts = {}
+    for block, name in zip(text.split("# config")[1:], ["rf-61.8m", "slim-15.7m"]):
+        lines = [line.split(" ", 1) for line in block.strip().splitlines()[1:]]
+        layouts[name] = {k: tuple(int(d) for d in v.strip("()").split(",") if d.strip()) for k, v in lines}
+    return layouts
+
+
+@pytest.mark.skipif(not (HERE.parent / "shared" / "reference").exists(), reason="needs ../shared/reference")
+@pytest.mark.parametrize("preset", ["rf-61.8m", "slim-15.7m"])
+def test_every_official_tensor_maps_to_exactly_one_of_ours_and_back(preset, capsys):
+    official = {k: torch.empty(shape, device="meta") for k, shape in reference_layouts()[preset].items()}
+    with torch.device("meta"):
+        ours = sf.UNet(**sf.PRESETS[preset]).state_dict()
+    converted = sf.from_official(official)
+    assert "ignored: sigmas" in capsys.readouterr().out
+    assert converted.keys() == ours.keys()  # one to one: no tensor lost, none invented
+    assert all(converted[k].shape == ours[k].shape for k in ours)
+    back = sf.to_official(ours)
+    assert back.keys() == official.keys() - {"sigmas"}
+    assert all(back[k].shape == official[k].shape for k in back)
+
+
+def official_file(net, path, ema_scale=None, drop=None, reshape=None):
+    """An official-layout checkpoint made from our network: `module.` names, EMA list."""
+    model = {"module.sigmas": torch.linspace(0.01, 50, 1000),
+             **{f"module.{k}": v.clone() for k, v in sf.to_official(net.state_dict()).items()}}
+    if drop:
+        del model[f"module.{drop}"]
+    if reshape:
+        model[f"module.{reshape}"] = torch.zeros(3, 3)
+    shadow = [v for k, v in model.items() if k != "module.sigmas"]
+    if ema_scale is not None:  # EMA weights that differ from the raw ones
+        model = {k: (v * ema_scale if k != "module.sigmas" else v) for k, v in model.items()}
+    torch.save({"model": model, "ema": {"decay": 0.9999, "num_updates": 10, "shadow_params": shadow},
+                "optimizer": {}, "step": 10}, path)
+
+
+def randomised_unet():
+    torch.manual_seed(0)
+    net = sf.UNet(**sf.PRESETS["unet-micro"]).eval()
+    with torch.no_grad():  # every tensor non-zero, so a misplaced one changes the output
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def test_an_official_checkpoint_loads_and_computes_the_same_function(tmp_path):
+    net = randomised_unet()
+    official_file(net, tmp_path / "official.pth", ema_scale=0.0)  # raw weights zeroed: EMA must be used
+    loaded = sf.load_checkpoint(tmp_path / "official.pth", sf.UNet(**sf.PRESETS["unet-micro"]).eval())
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    assert torch.equal(loaded(x, t), net(x, t))
+
+
+def test_official_attention_projections_are_transposed(tmp_path):
+    net = randomised_unet()
+    official = sf.to_official(net.state_dict())
+    block = next(i for i, b in enumerate(net.blocks) if isinstance(b, sf.Attention))
+    assert torch.equal(official[f"all_modules.{block + 3}.NIN_0.W"], net.blocks[block].q.weight[:, :, 0, 0].t())
+
+
+@pytest.mark.parametrize("drop, reshape, pattern", [
+    ("all_modules.5.Conv_0.bias", None, "tensor all_modules.5.Conv_0.bias is missing"),
+    (None, "all_modules.4.Conv_1.weight", "tensor all_modules.4.Conv_1.weight has shape (3, 3), the network needs"),
+])
+def test_an_official_layout_with_a_bad_tensor_is_refused(tmp_path, drop, reshape, pattern):
+    official_file(randomised_unet(), tmp_path / "bad.pth", drop=drop, reshape=reshape)
+    with pytest.raises(sf.UsageError, match=pattern.replace("(", r"\(").replace(")", r"\)")):
+        sf.load_checkpoint(tmp_path / "bad.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
+
+
+def test_an_official_model_without_ema_loads_its_raw_weights(tmp_path):
+    net = randomised_unet()
+    torch.save({"model": {f"module.{k}": v for k, v in sf.to_official(net.state_dict()).items()}, "step": 0},
+               tmp_path / "noema.pth")
+    loaded = sf.load_checkpoint(tmp_path / "noema.pth", sf.UNet(**sf.PRESETS["unet-micro"]).eval())
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    assert torch.equal(loaded(x, t), net(x, t))
+
+
+def test_an_official_ema_of_another_length_is_refused(tmp_path):
+    net = randomised_unet()
+    model = {f"module.{k}": v for k, v in sf.to_official(net.state_dict()).items()}
+    torch.save({"model": model, "ema": {"shadow_params": list(model.values())[:-1]}}, tmp_path / "short.pth")
+    with pytest.raises(sf.UsageError, match="EMA holds"):
+        sf.load_checkpoint(tmp_path / "short.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
+
+
+def test_pairs_stage_starts_from_an_official_teacher(tmp_path, capsys):
+    official_file(randomised_unet(), tmp_path / "teacher_official.pth")
+    argv = ["--dataset", "shapes", "--out", str(tmp_path), "--stage", "pairs", "--teacher-model", "unet-micro",
+            "--teacher-ckpt", str(tmp_path / "teacher_official.pth"), "--num-pairs", "4", "--pairs-batch", "4",
+            "--rtol", "1e-2", "--atol", "1e-2"]
+    assert sf.main(argv) == 0
+    assert torch.load(tmp_path / "pairs.pt", weights_only=True)["z1"].shape == (4, 3, 32, 32)
