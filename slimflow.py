@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import scipy.linalg
 from scipy.integrate import solve_ivp
 
 EPS = 1e-3  # ODE start time and smallest training time (§1)
@@ -642,7 +643,9 @@ class FlowGuidedDistillationLoss:
 # 5. Metrics
 # Sliced Wasserstein-2 compares sample sets of any dimension through 1-D projections,
 # where optimal transport is sorting; the projections are fixed by a seed so that
-# numbers from different runs are comparable.
+# numbers from different runs are comparable. Straightness measures how far a flow's
+# paths bend (§2). FID (§8) compares Gaussians fitted to Inception features of generated
+# and real images. count_macs counts a network's multiply-accumulates by forward hooks.
 
 def sliced_wasserstein(a, b, num_projections=256, seed=0):
     """SW2(a, b) = sqrt(E_θ W2²(θᵀa, θᵀb)) over random unit directions θ; a, b: (n, ...)."""
@@ -666,6 +669,155 @@ def straightness(velocity, z, steps=100, eps=EPS):
     chord = (x - z) / (1 - eps)  # the constant velocity of the straight path z -> x
     gaps = [(chord - (b - a) / h).square().flatten(1).sum(1).mean() for a, b in zip(path[:-1], path[1:])]
     return torch.stack(gaps).mean().item()
+
+
+# FID's Inception-v3 is the TensorFlow graph of 2015 ported to PyTorch (the weights file
+# below): torchvision's Inception3 with three differences. The pool branches of the A, C
+# and E blocks average without counting the zero padding, the last E block max-pools
+# there, and the classifier has 1008 outputs. Features are the 2048-d final pooling.
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+
+
+def fid_inception(weights=None):
+    """The FID Inception network, in eval mode: images in [-1, 1] of any size with 1 or 3
+    channels -> (batch, 2048) features. weights: None (random, for tests), a path or a
+    state dict laid out as pt_inception-2015-12-05-6726825d.pth."""
+    from torchvision.models import inception as tv
+
+    class PaddingFreePool:  # mixin for InceptionA/C/E: redo the pool branch the TF way
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+
+        def _forward(self, x):
+            return super()._forward(x)[:-1] + [self.branch_pool(self.pool(x))]
+
+    class FIDInception(tv.Inception3):
+        def __init__(self):
+            blocks = [tv.BasicConv2d, type("A", (PaddingFreePool, tv.InceptionA), {}), tv.InceptionB,
+                      type("C", (PaddingFreePool, tv.InceptionC), {}), tv.InceptionD,
+                      type("E", (PaddingFreePool, tv.InceptionE), {}), tv.InceptionAux]
+            super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
+            self.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
+
+        def forward(self, x):
+            x = x.float().expand(-1, 3, -1, -1)  # grey -> RGB
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            for layer in list(self.children())[:-1]:  # everything up to the pooled features, not fc
+                x = layer(x)
+            return x.flatten(1)
+
+    net = FIDInception()
+    if weights is not None:
+        state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
+        try:  # the published file predates BatchNorm's num_batches_tracked counters
+            result = net.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"FID Inception weights do not fit the network: {err}") from None
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"FID Inception weights do not fit: missing {missing[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}")
+    return net.eval().requires_grad_(False)
+
+
+def fid_weights_path(cache_dir):
+    """The FID Inception weights in cache_dir, downloaded once; offline, a clear error."""
+    import urllib.request
+    path = Path(cache_dir) / FID_WEIGHTS_URL.rsplit("/", 1)[1]
+    if path.exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=20) as response:  # never hang offline
+            tmp.write_bytes(response.read())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"could not download the FID Inception weights ({err}); download {FID_WEIGHTS_URL} "
+                         f"and put it at {path.resolve()}, or pass --fid-weights PATH") from None
+    return path
+
+
+def gaussian_stats(features):
+    """Mean and covariance (float64) of (n, d) features."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """‖mu1 - mu2‖² + Tr(S1 + S2 - 2·(S1·S2)^½), the Fréchet distance of two Gaussians."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(root).all():  # singular product: nudge both covariances off singularity
+        offset = eps * np.eye(len(sigma1))
+        root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(root):  # round-off leaves tiny imaginary parts; large ones are an error
+        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm(S1·S2) has an imaginary part of {np.abs(root.imag).max():.3g}")
+        root = root.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
+
+
+@torch.no_grad()
+def image_features(extractor, batches, device, what):
+    """Features of every batch of [-1, 1] images, with a progress line."""
+    feats, done, tic = [], 0, time.time()
+    for x in batches:
+        feats.append(extractor(x.to(device).clamp(-1, 1)).double().cpu())
+        done += len(x)
+        print(f"\r[fid] {what}: {done} images  {done / (time.time() - tic):.0f} img/s", end="", flush=True)
+    print()
+    return torch.cat(feats).numpy()
+
+
+def count_macs(model, *inputs):
+    """Multiply-accumulates per sample of model(*inputs), by forward hooks: `conv` and
+    `linear` layers outside attention, `attention` for everything inside attention blocks
+    (q/k/v/output projections and the two matrix products), and their `total`."""
+    counts = {"conv": 0, "linear": 0, "attention": 0}
+    batch = len(inputs[0])
+    inside = {m for block in model.modules() if isinstance(block, Attention) for m in block.modules()}
+
+    def hook(module, args, out):
+        if isinstance(module, nn.Conv2d):
+            macs = out.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            macs = out.numel() * module.in_features
+        else:  # an attention block: q·kᵀ and weights·v, each (hw)²·c
+            b, c, h, w = out.shape
+            macs = 2 * b * (h * w) ** 2 * c
+        key = "attention" if module in inside else "conv" if isinstance(module, nn.Conv2d) else "linear"
+        counts[key] += macs // batch
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, Attention))]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {**counts, "total": sum(counts.values())}
+
+
+def samples_per_second(sample_fn, z, repeats=3):
+    """Throughput of sample_fn on the batch z (best of a few timed runs, after a warm-up)."""
+    sample_fn(z)
+    best = float("inf")
+    for _ in range(repeats):
+        if z.is_cuda:
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        sample_fn(z)
+        if z.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - tic)
+    return len(z) / best
 
 
 # -----------------------------------------------------------------------------
@@ -994,17 +1146,93 @@ def generate(net, stage, z, args):
     return sample_with(net, z, args.sampler, args.nfe, args.rtol, args.atol)
 
 
-def stage_sample(args):
-    stage = args.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(args, s).exists()), "teacher")
-    net, _ = load_stage_network(args, stage)
+def pick_stage(args):
+    """--from, or the latest stage with a checkpoint."""
+    return args.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(args, s).exists()), "teacher")
+
+
+def generate_all(net, stage, args):
+    """args.num_samples samples from seeded noise, in batches of --pairs-batch; and the NFE."""
     z = torch.randn(args.num_samples, *data_shape(args), generator=torch.Generator().manual_seed(args.seed))
     batches = [generate(net, stage, zb.to(args.device), args) for zb in z.split(args.pairs_batch)]
-    x, nfe = torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
+    return torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
+
+
+def stage_sample(args):
+    stage = pick_stage(args)
+    net, _ = load_stage_network(args, stage)
+    x, nfe = generate_all(net, stage, args)
     path = Path(args.out) / f"samples_{stage}.npy"
     np.save(path, x.numpy())
     save_preview(x, path.with_suffix(".png"), toy_data(args.dataset, 2000, args.seed + 1) if is_toy(args) else None)
     print(f"[sample] {len(x)} samples from {stage} ({args.sampler if stage != 'distill' else 'generator'}, "
           f"NFE {nfe}) -> {path} and {path.with_suffix('.png')}")
+
+
+def fid_of(x, args, extractor=None):
+    """FID of generated images x against the training set, whose statistics are cached in
+    --data-dir per dataset, size, image count and feature network."""
+    if extractor is None:
+        extractor = fid_inception(args.fid_weights or fid_weights_path(Path(args.data_dir) / "fid"))
+    extractor = extractor.to(args.device)
+    real = image_dataset(args.dataset, args.data_dir, args.image_size, args.max_images, args.seed)
+    cache = Path(args.data_dir) / (f"fid_stats_{args.dataset}_train_{args.image_size}px_{len(real)}_"
+                                   f"{type(extractor).__name__.lower()}.npz")
+    if cache.exists():
+        stats = np.load(cache)
+        mu_real, sigma_real = stats["mu"], stats["sigma"]
+    else:
+        feats = image_features(extractor, (to_unit_range(b) for b in real.split(args.pairs_batch)), args.device,
+                               f"{args.dataset} training set")
+        mu_real, sigma_real = gaussian_stats(feats)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, mu=mu_real, sigma=sigma_real)
+        print(f"[fid] cached training-set statistics in {cache}")
+    mu, sigma = gaussian_stats(image_features(extractor, x.split(args.pairs_batch), args.device, "samples"))
+    return frechet_distance(mu, sigma, mu_real, sigma_real)
+
+
+def si(n):
+    """12345678 -> '12.35M'."""
+    return next(f"{n / 10**e:.2f}{u}" for e, u in ((9, "G"), (6, "M"), (3, "K"), (0, "")) if n >= 10**e or e == 0)
+
+
+def stage_eval(args, extractor=None):
+    """The paper's table for one stage's network: #params, NFE, FID (images) or SW2 with
+    its floor (2-D), MACs and FLOPs per sample, straightness (flows), samples/s. Printed
+    and merged into <out>/metrics.json. `extractor` replaces FID's Inception (tests)."""
+    stage = pick_stage(args)
+    net, _ = load_stage_network(args, stage)
+    x, nfe = generate_all(net, stage, args)
+    sampler = "generator" if stage == "distill" else args.sampler
+    row = {"method": f"{stage} ({sampler})", "params": num_params(net), "nfe": nfe}
+    if is_toy(args):
+        data = toy_data(args.dataset, len(x), args.seed + 3)
+        row["sw2"] = sliced_wasserstein(x, data)
+        row["sw2_floor"] = sliced_wasserstein(toy_data(args.dataset, len(x), args.seed + 4), data)
+    else:
+        row["fid"] = fid_of(x, args, extractor)
+    z = torch.randn(min(args.num_samples, args.pairs_batch), *data_shape(args),
+                    generator=torch.Generator().manual_seed(args.seed + 7)).to(args.device)
+    inputs = (z[:1],) if stage == "distill" else (z[:1], torch.full((1,), 0.5, device=args.device))
+    row["macs"] = count_macs(net, *inputs)["total"]  # per network evaluation, as in the paper
+    row["flops"] = 2 * row["macs"]
+    if stage != "distill":
+        row["straightness"] = straightness(net, z[:1000])
+    row["samples_per_s"] = samples_per_second(lambda zb: generate(net, stage, zb, args), z, repeats=2)
+    header = f"{'method':22s}{'#params':>12s}{'NFE':>6s}{'FID' if 'fid' in row else 'SW2':>9s}" \
+             f"{'MACs':>10s}{'FLOPs':>10s}{'straight.':>10s}{'samples/s':>11s}"
+    quality = row.get("fid", row.get("sw2"))
+    print(header + "\n" + f"{row['method']:22s}{row['params']:>12,}{nfe:>6}{quality:9.4f}{si(row['macs']):>10s}"
+          f"{si(row['flops']):>10s}{row.get('straightness', float('nan')):10.4f}{row['samples_per_s']:11.1f}")
+    if "sw2_floor" in row:
+        print(f"SW2 floor (two independent data draws): {row['sw2_floor']:.4f}")
+    path = Path(args.out) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics[f"{row['method']} nfe={nfe}"] = row
+    path.write_text(json.dumps(metrics, indent=1))
+    print(f"[eval] -> {path}")
+    return row
 
 
 def toy_report(args):
@@ -1076,8 +1304,8 @@ def stage_all(args):
     print(f"[all] done in {time.time() - tic:.0f}s; outputs in {args.out}")
 
 
-STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow,
-          "distill": stage_distill, "sample": stage_sample, "all": stage_all}
+STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow, "distill": stage_distill,
+          "sample": stage_sample, "eval": stage_eval, "all": stage_all}
 
 
 # -----------------------------------------------------------------------------
@@ -1170,7 +1398,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="rk45", choices=SAMPLERS)
     p.add_argument("--nfe", type=positive_int, default=1, help="NFE of the euler and heun samplers")
     p.add_argument("--from", dest="sample_from", choices=FLOW_STAGES, help="stage to sample (default: latest)")
-    p.add_argument("--num-samples", type=positive_int)
+    p.add_argument("--num-samples", type=positive_int, help="samples to draw (eval on images: 50,000)")
+    p.add_argument("--fid-weights", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "
+                                          "default: downloaded once into <data-dir>/fid")
     args = p.parse_args(argv)
     args.explicit = {k for k, v in vars(args).items() if v is not None}
     args.out = args.out or str(Path("runs") / args.dataset)
@@ -1190,6 +1420,8 @@ def configure_stage(args, stage):
                 args.steps = value.get(stage, 1)
         elif key not in args.explicit:
             setattr(args, key, value)
+    if stage == "eval" and kind == "image" and "num_samples" not in args.explicit:
+        args.num_samples = 50_000  # the paper's FID protocol
 
 
 def resolve_device(name):

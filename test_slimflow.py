@@ -2,6 +2,7 @@
 trips, bad input, and tiny end-to-end runs. `python -m pytest -q` runs them on a CPU."""
 
 import gzip
+import json
 import math
 import subprocess
 import sys
@@ -573,3 +574,147 @@ def test_pairs_stage_starts_from_an_official_teacher(tmp_path, capsys):
             "--rtol", "1e-2", "--atol", "1e-2"]
     assert sf.main(argv) == 0
     assert torch.load(tmp_path / "pairs.pt", weights_only=True)["z1"].shape == (4, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- FID, cost, eval
+
+def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
+    m1, m2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    # ‖m1 - m2‖² + Σ(√a - √b)² = (1 + 0 + 6.25) + (4 + 1 + 0) = 12.25
+    assert sf.frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(12.25, rel=1e-10)
+
+
+def test_frechet_distance_of_non_diagonal_gaussians_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))  # shared eigenvectors: the covariances commute
+    a, b = rng.uniform(0.1, 3.0, 5), rng.uniform(0.1, 3.0, 5)
+    m1, m2 = rng.standard_normal(5), rng.standard_normal(5)
+    expected = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert sf.frechet_distance(m1, q @ np.diag(a) @ q.T, m2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-8)
+    x = rng.standard_normal((8, 8))
+    s = x @ x.T + 0.1 * np.eye(8)  # S2 = c²·S1: Tr(S1)·(1 - c)²
+    assert sf.frechet_distance(np.zeros(8), s, np.zeros(8), 0.09 * s) == pytest.approx(np.trace(s) * 0.49, rel=1e-8)
+
+
+def test_frechet_distance_is_zero_for_identical_statistics_and_symmetric():
+    rng = np.random.default_rng(2)
+    mu1, s1 = sf.gaussian_stats(rng.standard_normal((200, 6)))
+    mu2, s2 = sf.gaussian_stats(2 * rng.standard_normal((200, 6)) + 1)
+    assert abs(sf.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+    assert sf.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(sf.frechet_distance(mu2, s2, mu1, s1), rel=1e-8)
+    mu, s = sf.gaussian_stats(rng.standard_normal((5, 20)))  # singular: fewer samples than dimensions
+    assert abs(sf.frechet_distance(mu, s, mu, s)) < 1e-4
+
+
+def test_frechet_distance_refuses_a_complex_square_root():
+    with pytest.raises(ValueError, match="imaginary"):
+        sf.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
+
+
+def fid_reference_layout():
+    text = (HERE.parent / "shared" / "reference" / "fid_inception_state_dict.txt").read_text()
+    return {line.split()[0]: tuple(int(d) for d in line.split(" ", 1)[1].strip("()").split(",") if d.strip())
+            for line in text.splitlines() if line.strip() and not line.startswith("#")}
+
+
+def random_fid_weights():
+    """A state dict laid out exactly as the published file (no num_batches_tracked)."""
+    g = torch.Generator().manual_seed(0)
+    state = {k: 0.05 * torch.randn(shape, generator=g) for k, shape in fid_reference_layout().items()
+             if not k.endswith("num_batches_tracked")}
+    for k in state:  # plausible BatchNorm statistics keep activations finite
+        if k.endswith(("running_var", "bn.weight")):
+            state[k] = 0.75 + 0.5 * torch.rand(state[k].shape, generator=g)
+    return state
+
+
+@pytest.fixture(scope="module")
+def fid_net():
+    return sf.fid_inception(random_fid_weights())
+
+
+def test_fid_network_has_the_reference_layout():
+    state = sf.fid_inception().state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == fid_reference_layout()
+
+
+def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
+    with torch.no_grad():
+        rgb = fid_net(torch.rand(2, 3, 32, 32) * 2 - 1)
+        grey = torch.rand(2, 1, 28, 28) * 2 - 1
+        f_grey, f_repeated = fid_net(grey), fid_net(grey.repeat(1, 3, 1, 1))
+    assert rgb.shape == f_grey.shape == (2, 2048) and torch.isfinite(rgb).all() and rgb.std() > 0
+    torch.testing.assert_close(f_grey, f_repeated)
+
+
+def test_fid_network_pools_the_tensorflow_way(fid_net):
+    import torch.nn.functional as F
+    with torch.no_grad():  # the pool branch is the last slice of each block's output
+        x = torch.randn(1, 192, 9, 9)
+        torch.testing.assert_close(fid_net.Mixed_5b(x)[:, -32:],
+                                   fid_net.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+        x = torch.randn(1, 2048, 5, 5)
+        torch.testing.assert_close(fid_net.Mixed_7c(x)[:, -192:], fid_net.Mixed_7c.branch_pool(F.max_pool2d(x, 3, 1, 1)))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: s.__setitem__("fc.weight", torch.zeros(1000, 2048)), "fc.weight"),
+    (lambda s: s.__setitem__("AuxLogits.fc.weight", torch.zeros(1008, 768)), "AuxLogits.fc.weight"),
+    (lambda s: s.pop("Mixed_7c.branch_pool.conv.weight"), "Mixed_7c.branch_pool.conv.weight"),
+])
+def test_fid_network_refuses_another_layout(change, match):
+    state = random_fid_weights()
+    change(state)
+    with pytest.raises(ValueError, match=match):
+        sf.fid_inception(state)
+
+
+def test_fid_weights_offline_is_a_clear_error_naming_the_path(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(sf.UsageError, match="put it at") as err:
+        sf.fid_weights_path(tmp_path / "cache")
+    assert str((tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").resolve()) in str(err.value)
+    assert not any((tmp_path / "cache").iterdir())  # no partial file left behind
+    (tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
+    assert sf.fid_weights_path(tmp_path / "cache").name == "pt_inception-2015-12-05-6726825d.pth"
+
+
+@pytest.mark.parametrize("preset, conv_linear, total", [("slim-15.7m", 3.70e9, 3.90e9), ("slim-27.9m", 6.57e9, 6.89e9)])
+def test_macs_of_the_official_students(preset, conv_linear, total):
+    macs = sf.count_macs(sf.UNet(**sf.PRESETS[preset]).eval(), torch.randn(1, 3, 32, 32), torch.rand(1))
+    assert macs["conv"] + macs["linear"] == pytest.approx(conv_linear, rel=0.01)
+    assert macs["total"] == pytest.approx(total, rel=0.01)
+    assert macs["total"] == macs["conv"] + macs["linear"] + macs["attention"]
+
+
+def test_macs_of_an_mlp_are_its_weight_count_per_sample():
+    net = sf.MLP(hidden=32, depth=2, temb_dim=16)
+    weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.Linear))
+    assert sf.count_macs(net, torch.randn(5, 2), torch.rand(5)) == {"conv": 0, "linear": weights, "attention": 0,
+                                                                    "total": weights}
+
+
+def test_eval_on_a_tiny_2d_run(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    assert run(tmp_path, "--stage", "eval", "--sampler", "euler", "--nfe", "4") == 0
+    row = json.loads((tmp_path / "metrics.json").read_text())["teacher (euler) nfe=4"]
+    assert row["nfe"] == 4 and row["params"] == 8578 and row["flops"] == 2 * row["macs"] > 0
+    assert row["sw2"] > 0 and row["sw2_floor"] > 0 and row["straightness"] > 0 and row["samples_per_s"] > 0
+    assert "SW2 floor" in capsys.readouterr().out
+
+
+def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
+    argv = ["--dataset", "shapes", "--max-images", "48", "--teacher-model", "unet-micro", "--steps", "2",
+            "--batch-size", "4", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]
+    assert sf.main([*argv, "--stage", "teacher"]) == 0
+    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())  # 3·8·8 = 192 features
+    args = sf.parse_args([*argv, "--stage", "eval", "--num-samples", "48", "--sampler", "euler", "--nfe", "2"])
+    row = sf.stage_eval(args, extractor=extractor)
+    assert row["fid"] > 0 and row["nfe"] == 2 and row["macs"] > 0
+    assert len(list((tmp_path / "data").glob("fid_stats_shapes_train_32px_48_*.npz"))) == 1  # cached
+    assert sf.stage_eval(args, extractor=extractor)["fid"] == pytest.approx(row["fid"], rel=1e-9)
