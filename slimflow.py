@@ -185,17 +185,21 @@ class TrainingData:
 # official parameter counts and checkpoint layouts carry over.
 
 def time_embedding(t, dim, scale=999.0, max_period=10_000):
-    """Sinusoidal embedding of scale·t: first half sines, second half cosines."""
+    """Sinusoidal embedding of scale·t: first half sines, second half cosines (at least
+    float32, whatever t's precision)."""
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / (half - 1))
-    args = scale * t.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=t.dtype) / (half - 1))
+    args = scale * t[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 
 class MLP(nn.Module):
-    """Velocity field for 2-D toys: an MLP on (x, embedding of t)."""
+    """Velocity field for 2-D toys: an MLP on (x, embedding of t). Toy MLPs embed 10·t:
+    smooth enough in t for RK45 to take ~50 steps, where 999·t takes ~400.
+    two_times adds an embedding of a second time s (TraFlow, §9) to the first layer."""
 
-    def __init__(self, dim=2, hidden=256, depth=3, temb_dim=64, time_scale=10.0):
+    def __init__(self, dim=2, hidden=256, depth=3, temb_dim=64, time_scale=10.0, two_times=False):
         super().__init__()
         self.temb_dim, self.time_scale = temb_dim, time_scale
         widths = [dim + temb_dim] + [hidden] * depth
@@ -203,9 +207,13 @@ class MLP(nn.Module):
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(w_in, w_out), nn.SiLU()]
         self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
+        self.s_proj = nn.Linear(temb_dim, hidden, bias=False) if two_times else None
 
-    def forward(self, x, t):
-        return self.net(torch.cat([x, time_embedding(t, self.temb_dim, self.time_scale)], dim=1))
+    def forward(self, x, t, s=None):
+        h = self.net[0](torch.cat([x, time_embedding(t, self.temb_dim, self.time_scale)], dim=1))
+        if s is not None:
+            h = h + self.s_proj(time_embedding(s, self.temb_dim, self.time_scale))
+        return self.net[1:](h)
 
 
 def group_norm(ch):
@@ -277,12 +285,14 @@ class UNet(nn.Module):
     the up path pops them and concatenates them to its input."""
 
     def __init__(self, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
-                 dropout=0.15, image_size=32, in_ch=3):
+                 dropout=0.15, image_size=32, in_ch=3, two_times=False):
         super().__init__()
         self.nf, temb_ch = nf, 4 * nf
         self.time_mlp = nn.Sequential(nn.Linear(nf, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         for layer in self.time_mlp[::2]:
             nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
+        # TraFlow's second time s (§9): embedded like t, added to t's embedding
+        self.s_mlp = copy.deepcopy(self.time_mlp) if two_times else None
         self.input_conv = conv(in_ch, nf)
         self.blocks = nn.ModuleList()
 
@@ -317,8 +327,10 @@ class UNet(nn.Module):
                 res *= 2
         self.out_norm, self.out_conv = group_norm(ch), conv(ch, in_ch, zero=True)
 
-    def forward(self, x, t):
+    def forward(self, x, t, s=None):
         temb = self.time_mlp(time_embedding(t, self.nf))
+        if s is not None:
+            temb = temb + self.s_mlp(time_embedding(s, self.nf))
         h = self.input_conv(x)
         skips = [h]
         for block in self.blocks:
@@ -416,14 +428,33 @@ def to_official(state_dict):
     return out
 
 
-def build_model(name, data_shape):
+def build_model(name, data_shape, two_times=False):
     """A network from a preset name for data of shape (2,) or (c, h, w)."""
     if name in MLP_PRESETS and len(data_shape) == 1:
-        return MLP(dim=data_shape[0], **MLP_PRESETS[name])
+        return MLP(dim=data_shape[0], **MLP_PRESETS[name], two_times=two_times)
     if name in PRESETS and len(data_shape) == 3:
-        return UNet(**PRESETS[name], in_ch=data_shape[0], image_size=data_shape[-1])
+        return UNet(**PRESETS[name], in_ch=data_shape[0], image_size=data_shape[-1], two_times=two_times)
     kind, names = ("toy", MLP_PRESETS) if len(data_shape) == 1 else ("image", PRESETS)
     raise UsageError(f"model {name!r} does not fit {kind} data; choose from {', '.join(names)}")
+
+
+def add_second_time(state_dict):
+    """A one-time network's weights for its two-time (TraFlow) twin: the t embedding is
+    copied to s and both halves of the sum are halved, so that s = t reproduces the
+    one-time network exactly."""
+    state = dict(state_dict)
+    if "time_mlp.0.weight" in state:  # U-Net: temb = time_mlp(t)/2 + s_mlp(s)/2 at the start
+        for key in [k for k in state if k.startswith("time_mlp.")]:
+            state[key.replace("time_mlp.", "s_mlp.")] = state[key].clone()
+        for key in ("time_mlp.2.weight", "time_mlp.2.bias", "s_mlp.2.weight", "s_mlp.2.bias"):
+            state[key] = state[key] / 2
+    else:  # MLP: the first layer's columns that read t's embedding (after the data's)
+        last = max((k for k in state if k.startswith("net.") and k.endswith(".weight")),
+                   key=lambda k: int(k.split(".")[1]))
+        dim, w = state[last].shape[0], state["net.0.weight"].clone()
+        w[:, dim:] /= 2
+        state["net.0.weight"], state["s_proj.weight"] = w, w[:, dim:].clone()
+    return state
 
 
 def num_params(model):
@@ -640,7 +671,67 @@ class FlowGuidedDistillationLoss:
 
 
 # -----------------------------------------------------------------------------
-# 5. Metrics
+# 5. TraFlow: trajectory distillation (§9)
+# One network G(x_t, t, s) moves a state from time t to any s ≥ t:
+#     g(x_t, t, s) = x_t + (s - t)·G(x_t, t, s)          (so g(x, t, t) = x)
+# so that 1, 2 or N calls of the same network generate. Its targets, from a pre-trained flow v:
+#     output        g(Z0, eps, 1) = Z1 on the teacher's pairs (RMSE)
+#     velocity      ∂g(x_t, t, s)/∂s = v(g(x_t, t, s), s), by forward-mode AD in s
+#     consistency   g(x_t, t, 1) = g(x_u, u, 1) for t < u < 1, the target under stop-gradient
+
+def traflow_map(model, x, t, s):
+    """g(x_t, t, s): the state at time s reached from x at time t in one call."""
+    return x + broadcast_time(s - t, x) * model(x, t, s)
+
+
+@torch.no_grad()
+def traflow_sample(model, z, steps=1, eps=EPS):
+    """`steps` jumps of g along a uniform grid from eps to 1; NFE = steps."""
+    grid = [eps + (1 - eps) * i / steps for i in range(steps + 1)]
+    x = z
+    for t, s in zip(grid[:-1], grid[1:]):
+        x = traflow_map(model, x, _at(t, x), _at(s, x))
+    return x, steps
+
+
+class TraFlowLoss:
+    """L = L_out + λ_v·L_vel + λ_c·L_cons on teacher pairs. With phase_steps = K > 0, the
+    first K steps train consistency alone and the rest output + velocity (the paper's two
+    phases). The consistency target's midpoint x_u comes from the student or from one
+    teacher Euler step; the target itself from the student under stop-gradient, or from
+    its EMA copy (target="ema": train() hands the loss its EMA network)."""
+
+    def __init__(self, teacher, lambda_vel=1.0, lambda_cons=1.0, phase_steps=0, midpoint="student",
+                 target="stopgrad"):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.lambda_vel, self.lambda_cons, self.phase_steps = lambda_vel, lambda_cons, phase_steps
+        self.midpoint, self.wants_ema, self.ema = midpoint, target == "ema", None
+
+    def __call__(self, model, pair, step):
+        z0, z1 = pair
+        t = EPS + (1 - EPS) * torch.rand(len(z0), device=z0.device, dtype=z0.dtype)
+        x_t, one = interpolate(z0, z1, t), torch.ones_like(t)
+        later = lambda: t + (1 - t) * torch.rand_like(t)  # noqa: E731 -- a time in (t, 1)
+        losses = {}
+        if self.phase_steps == 0 or step >= self.phase_steps:
+            losses["out"] = (traflow_map(model, z0, _at(EPS, z0), one) - z1).square().mean().sqrt()
+            s = later()
+            g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
+            with torch.no_grad():
+                v = self.teacher(g, s)
+            losses["vel"] = self.lambda_vel * (dg_ds - v).square().mean()
+        if self.phase_steps == 0 or step < self.phase_steps:
+            u = later()
+            with torch.no_grad():
+                x_u = (traflow_map(model, x_t, t, u) if self.midpoint == "student"
+                       else x_t + broadcast_time(u - t, x_t) * self.teacher(x_t, t))
+                target = traflow_map(self.ema if self.wants_ema else model, x_u, u, one)
+            losses["cons"] = self.lambda_cons * (traflow_map(model, x_t, t, one) - target).square().mean()
+        return sum(losses.values()), {k: v.item() for k, v in losses.items()}
+
+
+# -----------------------------------------------------------------------------
+# 6. Metrics
 # Sliced Wasserstein-2 compares sample sets of any dimension through 1-D projections,
 # where optimal transport is sorting; the projections are fixed by a seed so that
 # numbers from different runs are comparable. Straightness measures how far a flow's
@@ -821,7 +912,7 @@ def samples_per_second(sample_fn, z, repeats=3):
 
 
 # -----------------------------------------------------------------------------
-# 6. Training loop
+# 7. Training loop
 # Written once; every stage calls it with its own objective. AdamW with linear warm-up,
 # gradient clipping, an EMA of the weights (used for sampling), atomic checkpoints that
 # hold everything needed to continue bit for bit (weights, EMA, optimizer, step, RNG).
@@ -907,7 +998,7 @@ def load_checkpoint(path, model, ckpt=None):
 
 def network_from_checkpoint(ckpt, device):
     """The EMA network stored in a slimflow checkpoint (an OneStepGenerator for distill)."""
-    net = build_model(ckpt["model_name"], tuple(ckpt["data_shape"]))
+    net = build_model(ckpt["model_name"], tuple(ckpt["data_shape"]), two_times=ckpt["stage"] == "traflow")
     if ckpt["stage"] == "distill":
         net = OneStepGenerator(net)
     net.load_state_dict(ckpt["ema"])
@@ -956,6 +1047,8 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}},
                     ckpt_path)
 
+    if getattr(objective, "wants_ema", False):
+        objective.ema = ema  # e.g. TraFlow's consistency target
     net.train()
     tic, tic_step = time.time(), step
     while step < args.steps:
@@ -987,12 +1080,14 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
 
 
 # -----------------------------------------------------------------------------
-# 7. Stages
+# 8. Stages
 # Each stage reads what the previous one wrote under --out (runs/<dataset>):
 #   teacher.pt -> pairs.pt -> reflow.pt -> distill.pt -> samples_<stage>.npy/.png
 
-STAGE_FILES = {"teacher": "teacher.pt", "pairs": "pairs.pt", "reflow": "reflow.pt", "distill": "distill.pt"}
+STAGE_FILES = {"teacher": "teacher.pt", "pairs": "pairs.pt", "reflow": "reflow.pt", "distill": "distill.pt",
+               "traflow": "traflow.pt"}
 FLOW_STAGES = ("teacher", "reflow", "distill")
+SAMPLE_SOURCES = FLOW_STAGES + ("traflow",)
 
 
 def is_toy(args):
@@ -1138,11 +1233,29 @@ def stage_distill(args):
     run_training_stage(args, "distill", ckpt["model_name"], objective, pairs, lambda g, z: g(z), net=student)
 
 
+def stage_traflow(args):
+    """TraFlow from the teacher (or the 2-rectified flow, --traflow-from reflow) on the
+    stored pairs; the student starts as the flow, its s embedding copied from t's."""
+    refuse_overwrite(args, out_path(args, "traflow"))
+    flow, ckpt = load_stage_network(args, args.traflow_from)
+    pairs = load_pairs(args)
+    student = build_model(ckpt["model_name"], data_shape(args), two_times=True)
+    student.load_state_dict(add_second_time(flow.state_dict()))
+    objective = TraFlowLoss(flow, args.lambda_vel, args.lambda_cons, args.traflow_phases, args.traflow_midpoint,
+                            args.traflow_target)
+    print(f"[traflow] from the {args.traflow_from} flow: lambda_vel {args.lambda_vel}, lambda_cons "
+          f"{args.lambda_cons}, phases {args.traflow_phases}, midpoint {args.traflow_midpoint}")
+    run_training_stage(args, "traflow", ckpt["model_name"], objective, pairs,
+                       lambda g, z: traflow_sample(g, z, 1)[0], net=student.train())
+
+
 def generate(net, stage, z, args):
     """Samples and NFE from a stage's network: the generator is one call."""
     if stage == "distill":
         with torch.no_grad():
             return net(z), 1
+    if stage == "traflow":  # N jumps on a uniform grid: --steps N (or --nfe N)
+        return traflow_sample(net, z, args.steps if "steps" in args.explicit else args.nfe)
     return sample_with(net, z, args.sampler, args.nfe, args.rtol, args.atol)
 
 
@@ -1204,7 +1317,7 @@ def stage_eval(args, extractor=None):
     stage = pick_stage(args)
     net, _ = load_stage_network(args, stage)
     x, nfe = generate_all(net, stage, args)
-    sampler = "generator" if stage == "distill" else args.sampler
+    sampler = {"distill": "generator", "traflow": f"{nfe} jumps"}.get(stage, args.sampler)
     row = {"method": f"{stage} ({sampler})", "params": num_params(net), "nfe": nfe}
     if is_toy(args):
         data = toy_data(args.dataset, len(x), args.seed + 3)
@@ -1214,10 +1327,11 @@ def stage_eval(args, extractor=None):
         row["fid"] = fid_of(x, args, extractor)
     z = torch.randn(min(args.num_samples, args.pairs_batch), *data_shape(args),
                     generator=torch.Generator().manual_seed(args.seed + 7)).to(args.device)
-    inputs = (z[:1],) if stage == "distill" else (z[:1], torch.full((1,), 0.5, device=args.device))
+    t = torch.full((1,), 0.5, device=args.device)
+    inputs = {"distill": (z[:1],), "traflow": (z[:1], t, t)}.get(stage, (z[:1], t))
     row["macs"] = count_macs(net, *inputs)["total"]  # per network evaluation, as in the paper
     row["flops"] = 2 * row["macs"]
-    if stage != "distill":
+    if stage in ("teacher", "reflow"):
         row["straightness"] = straightness(net, z[:1000])
     row["samples_per_s"] = samples_per_second(lambda zb: generate(net, stage, zb, args), z, repeats=2)
     header = f"{'method':22s}{'#params':>12s}{'NFE':>6s}{'FID' if 'fid' in row else 'SW2':>9s}" \
@@ -1305,11 +1419,11 @@ def stage_all(args):
 
 
 STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow, "distill": stage_distill,
-          "sample": stage_sample, "eval": stage_eval, "all": stage_all}
+          "traflow": stage_traflow, "sample": stage_sample, "eval": stage_eval, "all": stage_all}
 
 
 # -----------------------------------------------------------------------------
-# 8. Command line
+# 9. Command line
 # Defaults depend on the kind of data (toy or image) and the stage; any flag given on the
 # command line wins. The image defaults are the official CIFAR10 settings (§4, §6).
 
@@ -1317,14 +1431,15 @@ DEFAULTS = {
     "toy": dict(teacher_model="mlp-256x3", model="mlp-96x3", batch_size=256, lr=1e-3, warmup=100,
                 grad_clip=1.0, ema_decay=0.999, num_pairs=20_000, pairs_batch=20_000, num_samples=10_000,
                 log_every=500, ckpt_every=1000, preview_every=0, beta_warmup=1000,
-                steps=dict(teacher=3000, reflow=3000, distill=2000)),
+                steps=dict(teacher=3000, reflow=3000, distill=2000, traflow=2000)),
     "image": dict(teacher_model="rf-61.8m", model="slim-15.7m", batch_size=128, lr=2e-4, warmup=5000,
                   grad_clip=1.0, ema_decay=0.9999, num_pairs=50_000, pairs_batch=500, num_samples=64,
                   log_every=100, ckpt_every=5000, preview_every=5000, beta_warmup=300_000,
-                  steps=dict(teacher=800_000, reflow=500_000, distill=200_000)),
+                  steps=dict(teacher=800_000, reflow=500_000, distill=200_000, traflow=200_000)),
     "shapes": dict(teacher_model="unet-tiny", model="unet-micro", batch_size=64, lr=1e-3, warmup=100,
                    ema_decay=0.999, num_pairs=2000, pairs_batch=500, log_every=50, ckpt_every=500,
-                   preview_every=500, beta_warmup=500, steps=dict(teacher=2000, reflow=1000, distill=500)),
+                   preview_every=500, beta_warmup=500,
+                   steps=dict(teacher=2000, reflow=1000, distill=500, traflow=500)),
 }
 
 
@@ -1395,9 +1510,18 @@ def parse_args(argv=None):
                    help="lambda of the 2-rectified-flow regularization (0: naive distillation)")
     p.add_argument("--target-form", default="official", choices=("official", "paper"),
                    help="first half step of the regularization target by the student (official) or v2 (paper)")
+    p.add_argument("--traflow-from", default="teacher", choices=("teacher", "reflow"),
+                   help="the pre-trained flow TraFlow distills (and starts from)")
+    p.add_argument("--lambda-vel", type=non_negative(float), default=1.0, help="TraFlow velocity loss weight")
+    p.add_argument("--lambda-cons", type=non_negative(float), default=1.0, help="TraFlow consistency loss weight")
+    p.add_argument("--traflow-phases", type=non_negative(int), default=0,
+                   help="K > 0: consistency alone for K steps, then output + velocity (0: all at once)")
+    p.add_argument("--traflow-midpoint", default="student", choices=("student", "teacher"))
+    p.add_argument("--traflow-target", default="stopgrad", choices=("stopgrad", "ema"))
     p.add_argument("--sampler", default="rk45", choices=SAMPLERS)
     p.add_argument("--nfe", type=positive_int, default=1, help="NFE of the euler and heun samplers")
-    p.add_argument("--from", dest="sample_from", choices=FLOW_STAGES, help="stage to sample (default: latest)")
+    p.add_argument("--from", dest="sample_from", choices=SAMPLE_SOURCES,
+                   help="stage to sample or evaluate (default: the latest of teacher, reflow, distill)")
     p.add_argument("--num-samples", type=positive_int, help="samples to draw (eval on images: 50,000)")
     p.add_argument("--fid-weights", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "
                                           "default: downloaded once into <data-dir>/fid")

@@ -718,3 +718,71 @@ def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
     assert row["fid"] > 0 and row["nfe"] == 2 and row["macs"] > 0
     assert len(list((tmp_path / "data").glob("fid_stats_shapes_train_32px_48_*.npz"))) == 1  # cached
     assert sf.stage_eval(args, extractor=extractor)["fid"] == pytest.approx(row["fid"], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- TraFlow
+
+def test_traflow_map_is_the_identity_at_equal_times():
+    model = sf.MLP(hidden=16, depth=2, two_times=True)
+    x, t = torch.randn(8, 2), torch.rand(8)
+    assert torch.equal(sf.traflow_map(model, x, t, t), x)
+
+
+def test_traflow_velocity_by_jvp_matches_a_finite_difference():
+    torch.manual_seed(0)
+    model = sf.MLP(hidden=32, depth=2, two_times=True).double()
+    x, t = torch.randn(6, 2, dtype=torch.float64), torch.full((6,), 0.3, dtype=torch.float64)
+    s, h = torch.full((6,), 0.6, dtype=torch.float64), 1e-5
+    _, dg_ds = torch.func.jvp(lambda s_: sf.traflow_map(model, x, t, s_), (s,), (torch.ones_like(s),))
+    finite = (sf.traflow_map(model, x, t, s + h) - sf.traflow_map(model, x, t, s - h)) / (2 * h)
+    assert (dg_ds - finite).abs().max() < 1e-3 and dg_ds.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("phases, step", [(0, 0), (10, 0), (10, 10)])
+@pytest.mark.parametrize("midpoint", ["student", "teacher"])
+def test_traflow_losses_are_zero_for_a_student_of_an_exactly_straight_teacher(phases, step, midpoint):
+    c = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    straight = lambda x, t, s=None: c.expand_as(x)  # noqa: E731 -- v = G = c: every path is a line
+    loss_fn = sf.TraFlowLoss(sf.MLP(hidden=4, depth=1), phase_steps=phases, midpoint=midpoint)
+    loss_fn.teacher = straight
+    z0 = torch.randn(64, 2, dtype=torch.float64)
+    loss, logs = loss_fn(straight, (z0, z0 + (1 - sf.EPS) * c), step)
+    assert logs and all(v < 1e-12 for v in logs.values()) and loss.item() < 1e-12
+    expected = {"out", "vel", "cons"} if phases == 0 else {"cons"} if step < phases else {"out", "vel"}
+    assert set(logs) == expected
+
+
+def test_a_two_time_network_starts_as_the_one_time_network():
+    torch.manual_seed(0)
+    for one, x in [(sf.MLP(hidden=16, depth=2), torch.randn(4, 2)),
+                   (sf.UNet(**sf.PRESETS["unet-micro"]), torch.randn(2, 3, 32, 32))]:
+        with torch.no_grad():
+            for p in one.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        two = type(one)(**({"hidden": 16, "depth": 2} if isinstance(one, sf.MLP) else sf.PRESETS["unet-micro"]),
+                        two_times=True)
+        two.load_state_dict(sf.add_second_time(one.state_dict()))
+        t = torch.rand(len(x))
+        torch.testing.assert_close(two(x, t, t), one(x, t), atol=1e-5, rtol=1e-5)
+
+
+def test_traflow_stage_on_a_2d_toy(tmp_path, capsys):
+    for stage in ("teacher", "pairs"):
+        assert run(tmp_path, "--stage", stage) == 0
+    assert run(tmp_path, "--stage", "traflow", "--traflow-phases", "10", "--traflow-target", "ema") == 0
+    out = capsys.readouterr().out
+    assert "cons" in out and "vel" in out  # both phases ran
+    for steps in ("1", "2", "4"):
+        assert run(tmp_path, "--stage", "eval", "--from", "traflow", "--steps", steps) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [metrics[f"traflow ({n} jumps) nfe={n}"]["nfe"] for n in (1, 2, 4)] == [1, 2, 4]
+
+
+def test_traflow_stage_on_shapes(tmp_path):
+    argv = ["--dataset", "shapes", "--max-images", "32", "--teacher-model", "unet-micro", "--steps", "2",
+            "--batch-size", "2", "--num-pairs", "4", "--pairs-batch", "4", "--rtol", "1e-2", "--atol", "1e-2",
+            "--num-samples", "4", "--out", str(tmp_path)]
+    for stage in ("teacher", "pairs", "traflow"):
+        assert sf.main([*argv, "--stage", stage]) == 0
+    assert sf.main([*argv, "--stage", "sample", "--from", "traflow", "--nfe", "2"]) == 0
+    assert np.load(tmp_path / "samples_traflow.npy").shape == (4, 3, 32, 32)
