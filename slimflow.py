@@ -1049,12 +1049,18 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
 
     if getattr(objective, "wants_ema", False):
         objective.ema = ema  # e.g. TraFlow's consistency target
+    # the objective sees a compiled view of net when asked; weights, optimizer and EMA stay
+    # on net itself in float32, and bf16 autocast runs only the forward and backward passes
+    model = torch.compile(net) if getattr(args, "compile", False) else net
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                              enabled=getattr(args, "precision", "fp32") == "bf16")
     net.train()
     tic, tic_step = time.time(), step
     while step < args.steps:
         for group in opt.param_groups:  # linear warm-up of the learning rate
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        loss, logs = objective(net, data.sample(args.batch_size), step)
+        with autocast:
+            loss, logs = objective(model, data.sample(args.batch_size), step)
         if not torch.isfinite(loss):
             raise TrainingError(f"[{meta['stage']}] loss is {loss.item()} at step {step}; stopped. "
                                 f"Last good checkpoint: {ckpt_path} (step {saved_step})")
@@ -1182,7 +1188,10 @@ def run_training_stage(args, stage, model_name, objective, data, sample_fn, net=
     meta = {"stage": stage, "dataset": args.dataset, "model_name": model_name, "data_shape": list(data_shape(args))}
     print(f"[{stage}] {model_name}: {num_params(module):,} parameters, {args.steps} steps of batch "
           f"{args.batch_size} on {args.device}")
-    return train(module.to(args.device), objective, data, args, out_path(args, stage), meta,
+    module = module.to(args.device)
+    if isinstance(net, UNet) and torch.device(args.device).type == "cuda":
+        module = module.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
+    return train(module, objective, data, args, out_path(args, stage), meta,
                  previewer(args, stage, sample_fn))
 
 
@@ -1418,8 +1427,65 @@ def stage_all(args):
     print(f"[all] done in {time.time() - tic:.0f}s; outputs in {args.out}")
 
 
+def matmul_rate(device, dtype, n=None, repeats=10):
+    """Measured dense matmul throughput (FLOP/s) in dtype: the device's practical ceiling."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 1024)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / (1 / samples_per_second(lambda _: a @ b, torch.empty(1, device=device), repeats))
+
+
+def stage_bench(args):
+    """Images (or points) per second of --model: a training step at --batch-size, one-step
+    and RK45 sampling, each next to the ceiling that the device's measured matmul rate
+    sets from the network's MACs (training ≈ 3 passes of 2·MACs FLOPs per sample)."""
+    shape, device = data_shape(args), args.device
+    torch.manual_seed(args.seed)
+    net = build_model(args.model, shape).to(device)
+    with torch.no_grad():  # untrained weights, but a non-zero field, so RK45 has work to do
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p)) if p.abs().sum() == 0 else None
+    if isinstance(net, UNet) and torch.device(device).type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    bf16 = args.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    flops = 2 * count_macs(net.eval(), torch.randn(1, *shape, device=device), torch.rand(1, device=device))["total"]
+    ceiling = matmul_rate(device, dtype)
+    x1 = torch.randn(args.batch_size, *shape, device=device)
+    model, opt = torch.compile(net) if args.compile else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def train_step(x):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = RectifiedFlowLoss()(model.train(), x, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sample(sampler):
+        def run(z):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                return sample_with(model.eval(), z, sampler, rtol=args.rtol, atol=args.atol)
+        return run
+
+    rows = [("train step", samples_per_second(train_step, x1), ceiling / (3 * flops), 1)]
+    rows.append(("sample, one step", samples_per_second(sample("one_step"), x1), ceiling / flops, 1))
+    tic = time.perf_counter()
+    nfe = sample("rk45")(x1)[1]  # one solve: RK45 is too slow to repeat
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    rows.append(("sample, RK45", len(x1) / (time.perf_counter() - tic), ceiling / (flops * nfe), nfe))
+    print(f"[bench] {args.model}: {num_params(net):,} parameters, {si(flops / 2)} MACs per sample, batch "
+          f"{args.batch_size}, {args.precision}{', compiled' if args.compile else ''}, on {device} "
+          f"({torch.cuda.get_device_name(device) if torch.device(device).type == 'cuda' else 'CPU'}); "
+          f"matmul ceiling {ceiling / 1e12:.2f} TFLOP/s")
+    print(f"{'':18s}{'NFE':>5s}{'samples/s':>12s}{'ceiling':>12s}{'of ceiling':>12s}")
+    for name, rate, limit, n in rows:
+        print(f"{name:18s}{n:>5}{rate:12.1f}{limit:12.1f}{rate / limit:11.1%}")
+    return rows
+
+
 STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow, "distill": stage_distill,
-          "traflow": stage_traflow, "sample": stage_sample, "eval": stage_eval, "all": stage_all}
+          "traflow": stage_traflow, "sample": stage_sample, "eval": stage_eval, "bench": stage_bench,
+          "all": stage_all}
 
 
 # -----------------------------------------------------------------------------
@@ -1494,6 +1560,8 @@ def parse_args(argv=None):
     p.add_argument("--ema-decay", type=non_negative(float))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 autocast (default on GPUs with bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network for training")
     p.add_argument("--resume", action="store_true", help="continue the stage's checkpoint exactly")
     p.add_argument("--overwrite", action="store_true", help="start the stage over, replacing its output")
     p.add_argument("--log-every", type=positive_int)
@@ -1529,6 +1597,7 @@ def parse_args(argv=None):
     args.explicit = {k for k, v in vars(args).items() if v is not None}
     args.out = args.out or str(Path("runs") / args.dataset)
     args.device = resolve_device(args.device)
+    args.precision = resolve_precision(args.precision, args.device)
     args.flip = (not is_toy(args)) if args.flip is None else args.flip
     configure_stage(args, args.stage)
     return args
@@ -1550,12 +1619,22 @@ def configure_stage(args, stage):
 
 def resolve_device(name):
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch.empty(0, device=name)
     except Exception:
         raise UsageError(f"device {name!r} is not available here") from None
+    if torch.device(name).type == "cuda":  # TF32 matmuls and convolutions: free speed on Ampere and later
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return name
+
+
+def resolve_precision(precision, device):
+    """bf16 autocast by default on GPUs that support it, float32 elsewhere."""
+    if precision is None:
+        cuda = torch.device(device).type == "cuda"
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
 
 
 def main(argv=None):

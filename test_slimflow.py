@@ -786,3 +786,24 @@ def test_traflow_stage_on_shapes(tmp_path):
         assert sf.main([*argv, "--stage", stage]) == 0
     assert sf.main([*argv, "--stage", "sample", "--from", "traflow", "--nfe", "2"]) == 0
     assert np.load(tmp_path / "samples_traflow.npy").shape == (4, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- speed
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path):
+    assert run(tmp_path, "--stage", "teacher", "--precision", "bf16") == 0
+    ckpt = torch.load(tmp_path / "teacher.pt", weights_only=True)
+    assert ckpt["step"] == 20 and all(v.dtype == torch.float32 for v in ckpt["model"].values())  # fp32 master weights
+    assert ckpt["args"]["precision"] == "bf16"
+
+
+def test_precision_defaults_to_fp32_without_a_bf16_gpu():
+    assert sf.resolve_precision(None, "cpu") == "fp32" and sf.resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_bench_prints_its_table_on_a_tiny_preset(tmp_path, capsys):
+    assert sf.main(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro", "--batch-size", "2",
+                    "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for row in ("train step", "sample, one step", "sample, RK45", "matmul ceiling", "of ceiling"):
+        assert row in out
