@@ -713,7 +713,8 @@ def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
             "--batch-size", "4", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]
     assert sf.main([*argv, "--stage", "teacher"]) == 0
     extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())  # 3·8·8 = 192 features
-    args = sf.parse_args([*argv, "--stage", "eval", "--num-samples", "48", "--sampler", "euler", "--nfe", "2"])
+    args = sf.parse_args([*argv, "--stage", "eval", "--num-samples", "48", "--pairs-batch", "8", "--sampler", "euler",
+                          "--nfe", "2"])
     row = sf.stage_eval(args, extractor=extractor)
     assert row["fid"] > 0 and row["nfe"] == 2 and row["macs"] > 0
     assert len(list((tmp_path / "data").glob("fid_stats_shapes_train_32px_48_*.npz"))) == 1  # cached
