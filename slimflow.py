@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import scipy.linalg
 from scipy.integrate import solve_ivp
 
@@ -179,8 +180,9 @@ class TrainingData:
 
 # -----------------------------------------------------------------------------
 # 2. Networks
-# A velocity field v(x, t) with t of shape (batch,). Both networks embed 999·t with the
-# sinusoidal embedding of DDPM (§1, §6): it was built for integer-like diffusion steps.
+# A velocity field v(x, t) with t of shape (batch,). The U-Net embeds 999·t with the
+# sinusoidal embedding of DDPM (§1, §6), built for integer-like diffusion steps; the toy
+# MLP embeds 10·t.
 # The U-Net is the DDPM++ network of the official code, block for block (§6), so the
 # official parameter counts and checkpoint layouts carry over.
 
@@ -220,11 +222,12 @@ def group_norm(ch):
     return nn.GroupNorm(min(ch // 4, 32), ch, eps=1e-6)
 
 
-def conv(ch_in, ch_out, kernel=3, zero=False):
-    """Convolution with the official initialisation: fan-average uniform (Xavier), zero
-    bias; output convolutions start at zero so every residual block starts as identity."""
+def conv(ch_in, ch_out, kernel=3, zero=False, scale=1.0):
+    """Convolution with the official initialisation: fan-average uniform (Xavier) of
+    variance × scale, zero bias; output convolutions start at zero so that every residual
+    block starts as the identity."""
     layer = nn.Conv2d(ch_in, ch_out, kernel, padding=kernel // 2)
-    nn.init.zeros_(layer.weight) if zero else nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.weight) if zero else nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(scale))
     nn.init.zeros_(layer.bias)
     return layer
 
@@ -263,7 +266,7 @@ class Attention(nn.Module):
     def __init__(self, ch):
         super().__init__()
         self.norm = group_norm(ch)
-        self.q, self.k, self.v = conv(ch, ch, 1), conv(ch, ch, 1), conv(ch, ch, 1)
+        self.q, self.k, self.v = (conv(ch, ch, 1, scale=0.1) for _ in range(3))
         self.proj = conv(ch, ch, 1, zero=True)
 
     def forward(self, x, temb=None):
@@ -632,7 +635,7 @@ def lpips_distance(device):
     net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
     def distance(a, b):  # LPIPS works at 224x224, as in the official code
-        a, b = (F.interpolate(x, size=224, mode="bilinear") for x in (a, b))
+        a, b = (F.interpolate(x.expand(-1, 3, -1, -1), size=224, mode="bilinear") for x in (a, b))  # grey -> RGB
         return net(a, b).flatten()
     return distance
 
@@ -716,7 +719,8 @@ class TraFlowLoss:
         if self.phase_steps == 0 or step >= self.phase_steps:
             losses["out"] = (traflow_map(model, z0, _at(EPS, z0), one) - z1).square().mean().sqrt()
             s = later()
-            g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
+            with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
+                g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
             with torch.no_grad():
                 v = self.teacher(g, s)
             losses["vel"] = self.lambda_vel * (dg_ds - v).square().mean()
@@ -752,9 +756,10 @@ def sliced_wasserstein(a, b, num_projections=256, seed=0):
 
 @torch.no_grad()
 def straightness(velocity, z, steps=100, eps=EPS):
-    """S(v) = E ∫ ‖(Z1 - Z0)/(1 - eps) - v(Z_t, t)‖² dt along v's own trajectories (§2),
-    estimated on an Euler path of `steps` steps from z: 0 when every path is a straight
-    line (and one Euler step is exact), larger the more the paths bend."""
+    """S(v) = E ∫ ‖(Z1 - Z0) - v(Z_t, t)‖² dt along v's own trajectories (§2), estimated on
+    an Euler path of `steps` steps from z: 0 when every path is a straight line (and one
+    Euler step is exact), larger the more the paths bend. Our paths run over [eps, 1], so
+    the straight velocity is (Z1 - Z0)/(1 - eps) and the integral is an average over time."""
     x, _, path = euler_sample(velocity, z, steps, eps, trajectory=True)
     h = (1 - eps) / steps
     chord = (x - z) / (1 - eps)  # the constant velocity of the straight path z -> x
@@ -1144,6 +1149,8 @@ def load_stage_network(args, stage):
         model_name = args.teacher_model if stage == "teacher" else args.model
         net = load_checkpoint(path, build_model(model_name, data_shape(args)), ckpt)
         return net.to(args.device).eval().requires_grad_(False), {"model_name": model_name}
+    if ckpt.get("stage") != stage and not (stage == "reflow" and ckpt.get("stage") == "teacher"):
+        raise UsageError(f"{path} holds the {ckpt.get('stage')!r} stage, not {stage!r}")
     check_compatible(ckpt, path, args.dataset)
     return network_from_checkpoint(ckpt, args.device), ckpt
 
@@ -1280,6 +1287,10 @@ def generate_all(net, stage, args):
     return torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
 
 
+def sampler_name(stage, nfe, args):
+    return {"distill": "generator", "traflow": f"{nfe} jumps"}.get(stage, args.sampler)
+
+
 def stage_sample(args):
     stage = pick_stage(args)
     net, _ = load_stage_network(args, stage)
@@ -1287,8 +1298,8 @@ def stage_sample(args):
     path = Path(args.out) / f"samples_{stage}.npy"
     np.save(path, x.numpy())
     save_preview(x, path.with_suffix(".png"), toy_data(args.dataset, 2000, args.seed + 1) if is_toy(args) else None)
-    print(f"[sample] {len(x)} samples from {stage} ({args.sampler if stage != 'distill' else 'generator'}, "
-          f"NFE {nfe}) -> {path} and {path.with_suffix('.png')}")
+    print(f"[sample] {len(x)} samples from {stage} ({sampler_name(stage, nfe, args)}, NFE {nfe}) -> {path} "
+          f"and {path.with_suffix('.png')}")
 
 
 def fid_of(x, args, extractor=None):
@@ -1326,7 +1337,7 @@ def stage_eval(args, extractor=None):
     stage = pick_stage(args)
     net, _ = load_stage_network(args, stage)
     x, nfe = generate_all(net, stage, args)
-    sampler = {"distill": "generator", "traflow": f"{nfe} jumps"}.get(stage, args.sampler)
+    sampler = sampler_name(stage, nfe, args)
     row = {"method": f"{stage} ({sampler})", "params": num_params(net), "nfe": nfe}
     if is_toy(args):
         data = toy_data(args.dataset, len(x), args.seed + 3)
@@ -1392,7 +1403,7 @@ def plot_trajectories(args, teacher, flow2, generator, n=300):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     z = torch.randn(n, 2, generator=torch.Generator().manual_seed(args.seed + 5)).to(args.device)
-    _, _, path_t = rk45_sample(teacher, z, trajectory=True)
+    _, _, path_t = rk45_sample(teacher, z, rtol=args.rtol, atol=args.atol, trajectory=True)
     _, _, path_2 = euler_sample(flow2, z, 20, trajectory=True)
     path_g = torch.stack([z, generator(z)])
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
@@ -1415,7 +1426,11 @@ def plot_trajectories(args, teacher, flow2, generator, n=300):
 
 def stage_all(args):
     tic = time.time()
+    given = {"teacher": args.teacher_ckpt, "reflow": args.init_ckpt}
     for stage in ("teacher", "pairs", "reflow", "distill"):
+        if given.get(stage):
+            print(f"[all] {stage}: using {given[stage]}")
+            continue
         configure_stage(args, stage)
         STAGES[stage](args)
     if is_toy(args):
@@ -1587,7 +1602,8 @@ def parse_args(argv=None):
     p.add_argument("--traflow-midpoint", default="student", choices=("student", "teacher"))
     p.add_argument("--traflow-target", default="stopgrad", choices=("stopgrad", "ema"))
     p.add_argument("--sampler", default="rk45", choices=SAMPLERS)
-    p.add_argument("--nfe", type=positive_int, default=1, help="NFE of the euler and heun samplers")
+    p.add_argument("--nfe", type=positive_int, default=1,
+                   help="NFE budget: euler N steps; heun (N+1)//2 steps, NFE 2·steps - 1; traflow N jumps")
     p.add_argument("--from", dest="sample_from", choices=SAMPLE_SOURCES,
                    help="stage to sample or evaluate (default: the latest of teacher, reflow, distill)")
     p.add_argument("--num-samples", type=positive_int, help="samples to draw (eval on images: 50,000)")

@@ -131,7 +131,7 @@ def test_annealing_beta_at_its_endpoints(schedule, at_half, at_end, at_twice):
     assert sf.annealing_beta(0, 0, schedule) == 0.0  # K = 0: plain reflow
 
 
-def test_linear_beta_is_monotone():
+def test_cosine_beta_is_monotone():
     betas = [sf.annealing_beta(k, 100, "cosine") for k in range(0, 120, 5)]
     assert all(a >= b for a, b in zip(betas, betas[1:]))
 
@@ -767,6 +767,33 @@ def test_a_two_time_network_starts_as_the_one_time_network():
         torch.testing.assert_close(two(x, t, t), one(x, t), atol=1e-5, rtol=1e-5)
 
 
+def test_traflow_velocity_runs_through_channels_last_attention():
+    # channels_last makes SDPA pick a fused kernel, which has no forward-mode AD
+    torch.manual_seed(0)
+    model = sf.UNet(**sf.PRESETS["unet-micro"], two_times=True).to(memory_format=torch.channels_last)
+    z0 = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    loss, logs = sf.TraFlowLoss(sf.UNet(**sf.PRESETS["unet-micro"]))(model, (z0, z0 + 1), 0)
+    loss.backward()
+    assert set(logs) == {"out", "vel", "cons"} and torch.isfinite(loss)
+
+
+def test_a_checkpoint_of_another_stage_is_refused(tmp_path, capsys):
+    for stage in ("teacher", "pairs"):
+        assert run(tmp_path, "--stage", stage) == 0
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "sample", "--teacher-ckpt", str(tmp_path / "pairs.pt"), "--from", "teacher") == 2
+    assert_one_line_error(capsys, "holds the 'pairs' stage, not 'teacher'")
+
+
+def test_all_with_a_given_teacher_trains_no_teacher(tmp_path, capsys):
+    given = tmp_path / "given"
+    assert run(given, "--stage", "teacher") == 0
+    out = tmp_path / "run"
+    assert run(out, "--stage", "all", "--teacher-ckpt", str(given / "teacher.pt")) == 0
+    assert not (out / "teacher.pt").exists() and (out / "distill.pt").exists()
+    assert f"teacher: using {given / 'teacher.pt'}" in capsys.readouterr().out
+
+
 def test_traflow_stage_on_a_2d_toy(tmp_path, capsys):
     for stage in ("teacher", "pairs"):
         assert run(tmp_path, "--stage", stage) == 0
@@ -808,3 +835,34 @@ def test_bench_prints_its_table_on_a_tiny_preset(tmp_path, capsys):
     out = capsys.readouterr().out
     for row in ("train step", "sample, one step", "sample, RK45", "matmul ceiling", "of ceiling"):
         assert row in out
+
+
+# ----------------------------------------------------------------------------- the notebook
+
+def test_the_toy_notebook_runs_top_to_bottom_in_its_quick_setting(tmp_path, monkeypatch):
+    """toy_2d.ipynb as the reader runs it: every code cell in order, in one namespace, with
+    SLIMFLOW_QUICK=1 (tenfold fewer steps and samples); its files go to tmp_path."""
+    import tempfile
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("SLIMFLOW_QUICK", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the notebook's mkdtemp() lands here
+    monkeypatch.chdir(HERE)
+    cells = json.loads((HERE / "toy_2d.ipynb").read_text(encoding="utf-8"))["cells"]
+    namespace = {"__name__": "__main__"}
+    with matplotlib.rc_context():  # the notebook's rcParams do not leak into other tests
+        for i, cell in enumerate(cells):
+            if cell["cell_type"] != "code":
+                continue
+            try:
+                exec(compile("".join(cell["source"]), f"toy_2d.ipynb cell {i}", "exec"), namespace)
+            except Exception as err:
+                raise AssertionError(f"toy_2d.ipynb: code cell {i} raised {type(err).__name__}: {err}") from err
+            finally:
+                plt.close("all")
+    assert namespace["QUICK"] and namespace["RESULTS"], "the notebook ran without its quick setting or table"
+    assert list(tmp_path.iterdir()), "the notebook wrote its checkpoints outside the temporary directory"
