@@ -361,6 +361,7 @@ MLP_PRESETS = {
     "mlp-128x3": dict(hidden=128, depth=3),
     "mlp-96x3": dict(hidden=96, depth=3),
     "mlp-64x2": dict(hidden=64, depth=2),
+    "mlp-32x2": dict(hidden=32, depth=2),
 }
 
 
