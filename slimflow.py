@@ -1028,6 +1028,12 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def bf16_autocast(args):
+    """bf16 autocast of forward and backward passes with --precision bf16, else a no-op."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                          enabled=getattr(args, "precision", "fp32") == "bf16")
+
+
 def train(net, objective, data, args, ckpt_path, meta, preview=None):
     """Optimise net on objective(net, data.sample(batch), step) for args.steps steps and
     return the EMA network. meta (stage, dataset, model_name, data_shape) is stored with
@@ -1058,14 +1064,12 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
     # the objective sees a compiled view of net when asked; weights, optimizer and EMA stay
     # on net itself in float32, and bf16 autocast runs only the forward and backward passes
     model = torch.compile(net) if getattr(args, "compile", False) else net
-    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
-                              enabled=getattr(args, "precision", "fp32") == "bf16")
     net.train()
     tic, tic_step = time.time(), step
     while step < args.steps:
         for group in opt.param_groups:  # linear warm-up of the learning rate
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        with autocast:
+        with bf16_autocast(args):
             loss, logs = objective(model, data.sample(args.batch_size), step)
         if not torch.isfinite(loss):
             raise TrainingError(f"[{meta['stage']}] loss is {loss.item()} at step {step}; stopped. "
@@ -1447,7 +1451,8 @@ def matmul_rate(device, dtype, n=None, repeats=10):
     """Measured dense matmul throughput (FLOP/s) in dtype: the device's practical ceiling."""
     n = n or (8192 if torch.device(device).type == "cuda" else 1024)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n**3 / (1 / samples_per_second(lambda _: a @ b, torch.empty(1, device=device), repeats))
+    calls_per_second = samples_per_second(lambda _: a @ b, torch.empty(1, device=device), repeats)  # batch of 1
+    return 2 * n**3 * calls_per_second
 
 
 def stage_bench(args):
@@ -1459,18 +1464,18 @@ def stage_bench(args):
     net = build_model(args.model, shape).to(device)
     with torch.no_grad():  # untrained weights, but a non-zero field, so RK45 has work to do
         for p in net.parameters():
-            p.add_(0.02 * torch.randn_like(p)) if p.abs().sum() == 0 else None
+            if p.abs().sum() == 0:
+                p.add_(0.02 * torch.randn_like(p))
     if isinstance(net, UNet) and torch.device(device).type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    bf16 = args.precision == "bf16"
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     flops = 2 * count_macs(net.eval(), torch.randn(1, *shape, device=device), torch.rand(1, device=device))["total"]
     ceiling = matmul_rate(device, dtype)
     x1 = torch.randn(args.batch_size, *shape, device=device)
     model, opt = torch.compile(net) if args.compile else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
 
     def train_step(x):
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        with bf16_autocast(args):
             loss, _ = RectifiedFlowLoss()(model.train(), x, 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1478,7 +1483,7 @@ def stage_bench(args):
 
     def sample(sampler):
         def run(z):
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            with bf16_autocast(args):
                 return sample_with(model.eval(), z, sampler, rtol=args.rtol, atol=args.atol)
         return run
 
