@@ -21,12 +21,14 @@ import gzip
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -47,8 +49,9 @@ class TrainingError(Exception):
 # -----------------------------------------------------------------------------
 # 1. Data
 # Noise is always X0 ~ N(0, I). Data X1 are 2-D toy points or images scaled to [-1, 1]
-# (§1). Everything is held in memory and sampled with replacement from the global torch
-# RNG, so a run is reproducible from its seed and a resumed run draws the same batches.
+# (§1). Everything is held in memory and sampled with replacement by a seeded generator of
+# the data's own, so a run is reproducible from its seed, a resumed run draws the same
+# batches, and the processes of a multi-GPU run share one stream of global batches.
 
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals")
 IMAGE_DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "shapes")
@@ -158,22 +161,43 @@ def to_unit_range(x):
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
 
 
-class TrainingData:
-    """Examples held in memory, drawn with replacement. Several tensors (a reflow pair
-    (Z0, Z1)) share the indices and, for images, the same random horizontal flip: a
-    flipped Gaussian is still Gaussian, so a flipped pair is still a valid coupling (§3)."""
+def fits_on(device, nbytes):
+    """Whether nbytes of data can live on device next to the network: a GPU keeps at most a
+    quarter of its free memory for data; the host holds it anyway."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return nbytes < torch.cuda.mem_get_info(device)[0] / 4
 
-    def __init__(self, *tensors, flip=False, device="cpu"):
-        self.tensors, self.flip, self.device = tensors, flip, device
+
+class TrainingData:
+    """Examples held in memory and drawn with replacement by the data's own seeded random
+    generator (its state goes into every checkpoint). Several tensors (a reflow pair
+    (Z0, Z1)) share the indices and, for images, the same random horizontal flip: a
+    flipped Gaussian is still Gaussian, so a flipped pair is still a valid coupling (§3).
+
+    The tensors stay in their compact form (uint8 images, float16 pairs) and move to the
+    device once when they fit (CIFAR10 is 150 MB as uint8): a batch is then one gather on
+    the device, and flips are done there too. Otherwise each batch is gathered on the host
+    and copied, still compact. With several processes (section 7), every process draws
+    the same global batch of batch_size·processes examples and keeps its own slice."""
+
+    def __init__(self, *tensors, flip=False, device="cpu", seed=0):
+        self.flip, self.device = flip, torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        on_device = fits_on(device, sum(t.numel() * t.element_size() for t in tensors))
+        self.tensors = [t.to(device) if on_device else t for t in tensors]
 
     def __len__(self):
         return len(self.tensors[0])
 
-    def sample(self, batch_size):
-        idx = torch.randint(len(self), (batch_size,))
-        out = [to_unit_range(t[idx]).to(self.device) for t in self.tensors]
+    def sample(self, batch_size, rank=0, processes=1):
+        idx = torch.randint(len(self), (batch_size * processes,), generator=self.generator)
+        flip = torch.rand(batch_size * processes, generator=self.generator) < 0.5 if self.flip else None
+        mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        out = [to_unit_range(t[idx[mine].to(t.device)].to(self.device, non_blocking=True)) for t in self.tensors]
         if self.flip:
-            flip = (torch.rand(batch_size) < 0.5).to(self.device)[:, None, None, None]
+            flip = flip[mine].to(self.device)[:, None, None, None]
             out = [torch.where(flip, o.flip(-1), o) for o in out]
         return out[0] if len(out) == 1 else tuple(out)
 
@@ -1017,6 +1041,55 @@ def update_ema(ema, net, decay):
         e.lerp_(p, 1 - decay)
 
 
+# Several processes (torchrun --nproc_per_node N slimflow.py ...): one per GPU, NCCL between
+# them (gloo on CPUs). Every process holds the same network; each computes the loss on its
+# own slice of the global batch (batch_size·N examples drawn from the data's shared
+# stream) with its own noise (seed + rank), and DistributedDataParallel averages the
+# gradients during backward, so N processes take the step that one process would take on
+# the whole global batch. Rank 0 alone prints, writes checkpoints and previews.
+
+def start_processes(args):
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1):
+    each process takes the GPU cuda:LOCAL_RANK, or the CPU with gloo. Only rank 0 prints."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # errors still reach stderr from every process
+
+
+def world():
+    """(rank of this process, number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier():
+    """Wait for every process (e.g. until rank 0 has written a file the others read)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def finite_everywhere(loss):
+    """Whether the loss is finite in every process: all stop together, none waits forever."""
+    ok = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -1035,43 +1108,59 @@ def bf16_autocast(args):
 
 
 def train(net, objective, data, args, ckpt_path, meta, preview=None):
-    """Optimise net on objective(net, data.sample(batch), step) for args.steps steps and
-    return the EMA network. meta (stage, dataset, model_name, data_shape) is stored with
-    every checkpoint; with args.resume an existing checkpoint is continued exactly."""
+    """Optimise net on objective(net, batch, step) for args.steps steps, batch = this
+    process's share of a global batch of args.batch_size per process, and return the EMA
+    network. meta (stage, dataset, model_name, data_shape) is stored with every
+    checkpoint; with args.resume an existing checkpoint is continued exactly."""
+    rank, processes = world()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     step, saved_step = 0, None
+    torch.manual_seed(args.seed + rank)  # each process its own noise; batches come from data's shared stream
     if args.resume and Path(ckpt_path).exists():
         ckpt = read_checkpoint(ckpt_path)
         check_compatible(ckpt, ckpt_path, meta["dataset"], meta["model_name"])
         net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
+        data.generator.set_state(ckpt["rng"]["data"])
         step = saved_step = ckpt["step"]
+        if len(ckpt["rng"]["processes"]) == processes:
+            set_rng_state(ckpt["rng"]["processes"][rank])
+        else:  # the batches continue exactly; the noise cannot
+            torch.manual_seed(args.seed + rank + processes * step)
+            print(f"[{meta['stage']}] the checkpoint was written by {len(ckpt['rng']['processes'])} "
+                  f"processes, this run has {processes}: the noise streams restart")
         print(f"[{meta['stage']}] resumed from {ckpt_path} at step {step}")
 
     def save():
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise TrainingError(f"[{meta['stage']}] weights are not finite at step {step}; "
                                 f"last good checkpoint: {ckpt_path} (step {saved_step})")
-        save_atomic({"format": "slimflow", **meta, "step": step, "model": net.state_dict(),
-                     "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
-                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}},
-                    ckpt_path)
+        rng = {"data": data.generator.get_state(), "processes": gather(rng_state())}
+        if rank == 0:
+            save_atomic({"format": "slimflow", **meta, "step": step, "model": net.state_dict(),
+                         "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
+                         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}},
+                        ckpt_path)
 
     if getattr(objective, "wants_ema", False):
         objective.ema = ema  # e.g. TraFlow's consistency target
-    # the objective sees a compiled view of net when asked; weights, optimizer and EMA stay
+    # the objective sees a DDP and/or compiled view of net; weights, optimizer and EMA stay
     # on net itself in float32, and bf16 autocast runs only the forward and backward passes
-    model = torch.compile(net) if getattr(args, "compile", False) else net
+    model = net
+    if processes > 1:  # DDP broadcasts rank 0's weights now and averages gradients in backward
+        cuda = torch.device(args.device).type == "cuda"
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[args.device] if cuda else None)
+    if getattr(args, "compile", False):
+        model = torch.compile(model)
     net.train()
     tic, tic_step = time.time(), step
     while step < args.steps:
         for group in opt.param_groups:  # linear warm-up of the learning rate
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         with bf16_autocast(args):
-            loss, logs = objective(model, data.sample(args.batch_size), step)
-        if not torch.isfinite(loss):
+            loss, logs = objective(model, data.sample(args.batch_size, rank, processes), step)
+        if not finite_everywhere(loss):
             raise TrainingError(f"[{meta['stage']}] loss is {loss.item()} at step {step}; stopped. "
                                 f"Last good checkpoint: {ckpt_path} (step {saved_step})")
         opt.zero_grad(set_to_none=True)
@@ -1090,8 +1179,9 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
         if step % args.ckpt_every == 0 or step == args.steps:
             save()
             saved_step = step
-        if preview is not None and args.preview_every and step % args.preview_every == 0:
+        if preview is not None and rank == 0 and args.preview_every and step % args.preview_every == 0:
             preview(ema, step)
+    barrier()  # the next stage, in any process, reads the final checkpoint
     return ema
 
 
@@ -1131,17 +1221,18 @@ def data_shape(args):
 
 def training_data(args):
     if is_toy(args):  # a large fixed pool of points stands in for the distribution
-        return TrainingData(toy_data(args.dataset, 100_000, args.seed), device=args.device)
+        return TrainingData(toy_data(args.dataset, 100_000, args.seed), device=args.device, seed=args.seed)
     x = image_dataset(args.dataset, args.data_dir, args.image_size, args.max_images, args.seed)
     print(f"[data] {args.dataset}: {len(x)} images of shape {tuple(x.shape[1:])}")
-    return TrainingData(x, flip=args.flip, device=args.device)
+    return TrainingData(x, flip=args.flip, device=args.device, seed=args.seed)
 
 
 def load_pairs(args):
     path = out_path(args, "pairs")
     pairs = read_checkpoint(path, made_by=make_command(args, "pairs"))
     check_compatible(pairs, path, args.dataset)
-    return TrainingData(pairs["z0"], pairs["z1"], flip=args.flip and not is_toy(args), device=args.device)
+    return TrainingData(pairs["z0"], pairs["z1"], flip=args.flip and not is_toy(args), device=args.device,
+                        seed=args.seed)
 
 
 def load_stage_network(args, stage):
@@ -1198,8 +1289,9 @@ def run_training_stage(args, stage, model_name, objective, data, sample_fn, net=
     net = build_model(model_name, data_shape(args)) if net is None else net
     module = OneStepGenerator(net) if stage == "distill" else net
     meta = {"stage": stage, "dataset": args.dataset, "model_name": model_name, "data_shape": list(data_shape(args))}
+    processes = world()[1]
     print(f"[{stage}] {model_name}: {num_params(module):,} parameters, {args.steps} steps of batch "
-          f"{args.batch_size} on {args.device}")
+          f"{args.batch_size} on {args.device}" + (f" x {processes} processes" if processes > 1 else ""))
     module = module.to(args.device)
     if isinstance(net, UNet) and torch.device(args.device).type == "cuda":
         module = module.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
@@ -1214,23 +1306,56 @@ def stage_teacher(args):
 
 
 def stage_pairs(args):
-    """(Z0, Z1 = ODE_v1(Z0)) with RK45, in batches; stored on the CPU (§3)."""
+    """(Z0, Z1 = ODE_v1(Z0)) with RK45 (§3), solved in shards of --pairs-batch pairs. Z0 is
+    drawn at once from the seed, so a shard is the same whichever process solves it and
+    whenever: shards already on disk are skipped (a stopped run continues where it was),
+    and under torchrun the processes share the missing ones. Rank 0 then joins them into
+    pairs.pt, float16 for images (the coupling needs no more; Z0 is rounded before it is
+    solved, so every stored pair is exact) and float32 for 2-D points."""
     path = out_path(args, "pairs")
     if path.exists() and args.resume:
         print(f"[pairs] reusing {path}")
         return
     refuse_overwrite(args, path)
     teacher, ckpt = load_stage_network(args, "teacher")
-    z0 = torch.randn(args.num_pairs, *data_shape(args), generator=torch.Generator().manual_seed(args.seed))
-    z1, nfes, tic = torch.empty_like(z0), [], time.time()
-    for i in range(0, args.num_pairs, args.pairs_batch):
-        x, nfe = rk45_sample(teacher, z0[i:i + args.pairs_batch].to(args.device), rtol=args.rtol, atol=args.atol)
-        z1[i:i + len(x)] = x.cpu()
-        nfes.append(nfe)
-        print(f"[pairs] {i + len(x)}/{args.num_pairs}  NFE {nfe}  {time.time() - tic:.1f}s", flush=True)
-    save_atomic({"format": "slimflow", "stage": "pairs", "dataset": args.dataset, "z0": z0, "z1": z1,
-                 "teacher_nfe": float(np.mean(nfes))}, path)
-    print(f"[pairs] wrote {args.num_pairs} pairs to {path} (mean RK45 NFE {np.mean(nfes):.0f})")
+    rank, processes = world()
+    shards = path.with_suffix(".shards")
+    recipe = {"dataset": args.dataset, "seed": args.seed, "num_pairs": args.num_pairs, "rtol": args.rtol,
+              "atol": args.atol, "teacher": str(args.teacher_ckpt or out_path(args, "teacher")),
+              "teacher_step": ckpt.get("step")}
+    made = json.loads((shards / "recipe.json").read_text()) if (shards / "recipe.json").exists() else recipe
+    if made != recipe and not args.overwrite:
+        raise UsageError(f"{shards} holds shards of another run ({made}); pass --overwrite to start over")
+    barrier()  # every process has read the old recipe before rank 0 replaces it
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(shards, ignore_errors=True)
+        shards.mkdir(parents=True, exist_ok=True)
+        (shards / "recipe.json").write_text(json.dumps(recipe))
+    barrier()
+    dtype = torch.float32 if is_toy(args) else torch.float16
+    z0 = torch.randn(args.num_pairs, *data_shape(args), generator=torch.Generator().manual_seed(args.seed)).to(dtype)
+    starts = range(0, args.num_pairs, args.pairs_batch)
+    shard = {i: shards / f"{i:09d}-{min(i + args.pairs_batch, args.num_pairs):09d}.pt" for i in starts}
+    todo = [i for i in starts if not shard[i].exists()]
+    if len(todo) < len(starts):
+        print(f"[pairs] {len(starts) - len(todo)} of {len(starts)} shards already in {shards}; solving the rest")
+    tic = time.time()
+    for n, i in enumerate(todo[rank::processes], 1):
+        x, nfe = rk45_sample(teacher, z0[i:i + args.pairs_batch].float().to(args.device), rtol=args.rtol,
+                             atol=args.atol)
+        save_atomic({"z1": x.cpu().to(dtype), "nfe": nfe}, shard[i])
+        print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {n * processes}/{len(todo)} shards in "
+              f"{time.time() - tic:.1f}s", flush=True)
+    barrier()
+    if rank == 0:
+        parts = [torch.load(shard[i], weights_only=True) for i in starts]
+        nfe = float(np.mean([p["nfe"] for p in parts]))
+        save_atomic({"format": "slimflow", "stage": "pairs", "dataset": args.dataset, "z0": z0,
+                     "z1": torch.cat([p["z1"] for p in parts]), "teacher_nfe": nfe}, path)
+        shutil.rmtree(shards)
+        print(f"[pairs] wrote {args.num_pairs} pairs to {path} (mean RK45 NFE {nfe:.0f})")
+    barrier()
 
 
 def stage_reflow(args):
@@ -1438,9 +1563,9 @@ def stage_all(args):
             continue
         configure_stage(args, stage)
         STAGES[stage](args)
-    if is_toy(args):
+    if world()[0] == 0 and is_toy(args):  # reports and samples come from rank 0 alone
         toy_report(args)
-    else:
+    elif world()[0] == 0:
         for stage in FLOW_STAGES:
             args.sample_from, args.sampler = stage, ("rk45" if stage == "teacher" else "one_step")
             stage_sample(args)
@@ -1662,14 +1787,19 @@ def resolve_precision(precision, device):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        start_processes(args)
         torch.manual_seed(args.seed)
-        STAGES[args.stage](args)
+        if world()[0] == 0 or args.stage not in ("sample", "eval", "bench"):  # one process is enough for these
+            STAGES[args.stage](args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

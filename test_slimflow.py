@@ -4,6 +4,8 @@ trips, bad input, and tiny end-to-end runs. `python -m pytest -q` runs them on a
 import gzip
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +289,26 @@ def test_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(sf.UsageError, match="offline") as err:
         sf.image_dataset("cifar10", tmp_path)
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_processes_draw_slices_of_one_global_batch():
+    # two processes with batch 4 see exactly the 8 examples one process with batch 8 sees, flips included
+    z = torch.randn(50, 1, 2, 3)
+    one, rank0, rank1 = (sf.TrainingData(z, 2 * z, flip=True, seed=3) for _ in range(3))
+    for _ in range(3):
+        whole = one.sample(8)
+        parts = rank0.sample(4, rank=0, processes=2), rank1.sample(4, rank=1, processes=2)
+        for i in range(2):
+            assert torch.equal(whole[i], torch.cat([parts[0][i], parts[1][i]]))
+
+
+def test_the_data_stream_is_the_seed_s_and_not_the_global_rng():
+    z = torch.arange(100.0)[:, None]
+    torch.manual_seed(0)
+    a = sf.TrainingData(z, seed=1).sample(16)
+    torch.manual_seed(1)
+    assert torch.equal(a, sf.TrainingData(z, seed=1).sample(16))
+    assert not torch.equal(a, sf.TrainingData(z, seed=2).sample(16))
 
 
 def test_pairs_share_one_flip():
@@ -835,6 +857,141 @@ def test_bench_prints_its_table_on_a_tiny_preset(tmp_path, capsys):
     out = capsys.readouterr().out
     for row in ("train step", "sample, one step", "sample, RK45", "matmul ceiling", "of ceiling"):
         assert row in out
+
+
+# ----------------------------------------------------------------------------- pairs in shards
+
+def test_image_pairs_are_float16_and_exact_for_their_rounded_noise(tmp_path):
+    argv = ["--dataset", "shapes", "--max-images", "32", "--teacher-model", "unet-micro", "--steps", "2",
+            "--batch-size", "2", "--num-pairs", "6", "--pairs-batch", "4", "--rtol", "1e-2", "--atol", "1e-2",
+            "--out", str(tmp_path)]
+    for stage in ("teacher", "pairs"):
+        assert sf.main([*argv, "--stage", stage]) == 0
+    pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
+    assert pairs["z0"].dtype == pairs["z1"].dtype == torch.float16 and pairs["z0"].shape == (6, 3, 32, 32)
+    teacher, _ = sf.load_stage_network(sf.parse_args([*argv, "--stage", "pairs"]), "teacher")
+    z1, _ = sf.rk45_sample(teacher, pairs["z0"][4:].float(), rtol=1e-2, atol=1e-2)  # the second shard, re-solved
+    assert torch.equal(z1.half(), pairs["z1"][4:])
+    assert not (tmp_path / "pairs.shards").exists()  # joined and removed
+
+
+def test_stopped_pair_generation_continues_with_the_missing_shards(tmp_path, monkeypatch):
+    for out in ("straight", "split"):
+        assert run(tmp_path / out, "--stage", "teacher") == 0
+    assert run(tmp_path / "straight", "--stage", "pairs", "--pairs-batch", "64") == 0
+    solve, calls = sf.rk45_sample, []
+
+    def stops_after_two(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return solve(*a, **k)
+    monkeypatch.setattr(sf, "rk45_sample", stops_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "split", "--stage", "pairs", "--pairs-batch", "64")
+    assert len(list((tmp_path / "split" / "pairs.shards").glob("*.pt"))) == 2
+    calls.clear()
+    monkeypatch.setattr(sf, "rk45_sample", lambda *a, **k: calls.append(1) or solve(*a, **k))
+    assert run(tmp_path / "split", "--stage", "pairs", "--pairs-batch", "64") == 0
+    assert len(calls) == 2  # 256 pairs: 4 shards, 2 already solved
+    a, b = (torch.load(tmp_path / out / "pairs.pt", weights_only=True) for out in ("straight", "split"))
+    assert torch.equal(a["z0"], b["z0"]) and torch.equal(a["z1"], b["z1"])
+
+
+def test_shards_of_another_run_are_refused_until_overwrite(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    shards = tmp_path / "pairs.shards"
+    shards.mkdir()
+    (shards / "recipe.json").write_text(json.dumps({"seed": 7}))
+    (shards / "000000000-000000064.pt").write_bytes(b"stale")
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 2
+    assert_one_line_error(capsys, "holds shards of another run")
+    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64", "--overwrite") == 0
+    assert torch.load(tmp_path / "pairs.pt", weights_only=True)["z1"].shape == (256, 2)
+
+
+# ----------------------------------------------------------------------------- several processes
+# Two CPU processes with gloo, as torchrun starts them on GPUs with NCCL.
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FixedTimeVelocityLoss:
+    """Velocity regression at t = 1/2 on pairs: no noise of its own, so the data stream is
+    the only randomness, and 1 and 2 processes must take the same steps."""
+
+    def __call__(self, net, pair, step):
+        z0, z1 = pair
+        t = torch.full((len(z0),), 0.5)
+        return (net(sf.interpolate(z0, z1, t), t) - (z1 - z0)).square().mean(), {}
+
+
+def train_fixed_time(out, batch_size):
+    args = sf.parse_args(["--out", str(out), *TINY, "--stage", "reflow", "--batch-size", str(batch_size),
+                          "--ckpt-every", "1000"])
+    sf.start_processes(args)
+    torch.manual_seed(0)
+    pairs = sf.TrainingData(torch.randn(500, 2), torch.randn(500, 2), seed=5)
+    meta = dict(stage="reflow", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
+    sf.train(sf.build_model("mlp-64x2", (2,)), FixedTimeVelocityLoss(), pairs, args, out / "reflow.pt", meta)
+
+
+def ddp_worker(rank, processes, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(processes))
+    try:
+        train_fixed_time(out, 32)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_take_the_steps_of_one_process_with_their_global_batch(tmp_path):
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), tmp_path / "two"), nprocs=2)
+    train_fixed_time(tmp_path / "one", 64)
+    two, one = (torch.load(tmp_path / out / "reflow.pt", weights_only=True) for out in ("two", "one"))
+    assert two["step"] == one["step"] == 20 and len(two["rng"]["processes"]) == 2
+    for key in ("model", "ema"):
+        for name in one[key]:
+            torch.testing.assert_close(two[key][name], one[key][name], rtol=1e-5, atol=1e-6)
+    assert (two["model"]["net.0.weight"] - sf.build_model("mlp-64x2", (2,)).state_dict()["net.0.weight"]).abs().max() > 1e-3
+
+
+def torchrun(out, *argv):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(HERE / "slimflow.py"), "--out", str(out), *TINY, "--pairs-batch", "64", *argv],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_torchrun_runs_every_stage_and_writes_once(tmp_path):
+    out = torchrun(tmp_path, "--stage", "all")
+    assert out.count("[teacher] step 20/20") == 1 and out.count("SlimFlow one-step generator") == 1
+    assert "x 2 processes" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["distill.pt", "pairs.pt", "reflow.pt", "results.json",
+                                                         "teacher.pt", "trajectories.png"]
+    torchrun(tmp_path, "--stage", "traflow")  # forward-mode AD through DistributedDataParallel
+    assert sf.read_checkpoint(tmp_path / "traflow.pt")["step"] == 20
+    # the pairs do not depend on how many processes solved them
+    assert run(tmp_path / "one", "--stage", "pairs", "--pairs-batch", "64", "--teacher-ckpt",
+               str(tmp_path / "teacher.pt")) == 0
+    a, b = (torch.load(path / "pairs.pt", weights_only=True) for path in (tmp_path, tmp_path / "one"))
+    assert torch.equal(a["z0"], b["z0"]) and torch.equal(a["z1"], b["z1"])
+
+
+def test_torchrun_resumes_exactly(tmp_path):
+    torchrun(tmp_path / "straight", "--stage", "teacher", "--steps", "12", "--ckpt-every", "6")
+    torchrun(tmp_path / "split", "--stage", "teacher", "--steps", "6")
+    torchrun(tmp_path / "split", "--stage", "teacher", "--steps", "12", "--resume")
+    step_a, model_a, ema_a, opt_a = state_of(tmp_path / "straight" / "teacher.pt")
+    step_b, model_b, ema_b, opt_b = state_of(tmp_path / "split" / "teacher.pt")
+    assert step_a == step_b == 12
+    assert_same_tensors(model_a, model_b)
+    assert_same_tensors(ema_a, ema_b)
 
 
 # ----------------------------------------------------------------------------- the notebook
