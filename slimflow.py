@@ -945,7 +945,9 @@ def samples_per_second(sample_fn, z, repeats=3):
 # 7. Training loop
 # Written once; every stage calls it with its own objective. AdamW with linear warm-up,
 # gradient clipping, an EMA of the weights (used for sampling), atomic checkpoints that
-# hold everything needed to continue bit for bit (weights, EMA, optimizer, step, RNG).
+# hold everything needed to continue bit for bit (weights, EMA, optimizer, step, and the
+# random state of the data and of every process). The same loop runs in one process or
+# in several under torchrun.
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves half a file."""
@@ -1037,8 +1039,7 @@ def network_from_checkpoint(ckpt, device):
 
 @torch.no_grad()
 def update_ema(ema, net, decay):
-    for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p, 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)  # one fused call on a GPU
 
 
 # Several processes (torchrun --nproc_per_node N slimflow.py ...): one per GPU, NCCL between
