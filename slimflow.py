@@ -1582,51 +1582,66 @@ def matmul_rate(device, dtype, n=None, repeats=10):
 
 
 def stage_bench(args):
-    """Images (or points) per second of --model: a training step at --batch-size, one-step
-    and RK45 sampling, each next to the ceiling that the device's measured matmul rate
-    sets from the network's MACs (training ≈ 3 passes of 2·MACs FLOPs per sample)."""
-    shape, device = data_shape(args), args.device
-    torch.manual_seed(args.seed)
-    net = build_model(args.model, shape).to(device)
-    with torch.no_grad():  # untrained weights, but a non-zero field, so RK45 has work to do
-        for p in net.parameters():
-            if p.abs().sum() == 0:
-                p.add_(0.02 * torch.randn_like(p))
-    if isinstance(net, UNet) and torch.device(device).type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    flops = 2 * count_macs(net.eval(), torch.randn(1, *shape, device=device), torch.rand(1, device=device))["total"]
-    ceiling = matmul_rate(device, dtype)
-    x1 = torch.randn(args.batch_size, *shape, device=device)
-    model, opt = torch.compile(net) if args.compile else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
+    """Samples per second of the student (--model) and the teacher (--teacher-model): a
+    training step at --batch-size, one-step and RK45 sampling, each as a fraction of the
+    ceiling that the device's measured matmul rate sets from the network's MACs (a
+    training step ≈ 3 passes of 2·MACs FLOPs per sample). Every configuration in one run,
+    so the rows compare: fp32 and, on a GPU with bf16, bf16 (one of them with
+    --precision), each also compiled with --compile. Every configuration starts from the
+    same weights, so RK45 takes the same steps in each."""
+    shape, device, cuda = data_shape(args), args.device, torch.device(args.device).type == "cuda"
+    both = cuda and torch.cuda.is_bf16_supported() and "precision" not in args.explicit
+    precisions = ["fp32", "bf16"] if both else [args.precision]
+    compiled = [False, True] if args.compile else [False]
+    ceilings = {p: matmul_rate(device, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    print(f"[bench] batch {args.batch_size} on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}); "
+          "matmul ceiling " + ", ".join(f"{p} {c / 1e12:.2f} TFLOP/s" for p, c in ceilings.items()))
+    print(f"{'model':13s}{'params':>8s}{'MACs':>8s}{'precision':>10s}{'compiled':>9s}{'train/s':>10s}{'of ceil.':>9s}"
+          f"{'one step/s':>11s}{'of ceil.':>9s}{'RK45 NFE':>9s}{'RK45/s':>9s}")
+    z = torch.randn(args.batch_size, *shape, device=device, generator=torch.Generator(device).manual_seed(args.seed))
+    rows = []
+    for name in dict.fromkeys([args.model, args.teacher_model]):
+        torch.manual_seed(args.seed)
+        start = build_model(name, shape).to(device)
+        with torch.no_grad():  # untrained weights, but a non-zero field, so RK45 has work to do
+            for p in start.parameters():
+                if p.abs().sum() == 0:
+                    p.add_(0.02 * torch.randn_like(p))
+        if isinstance(start, UNet) and cuda:
+            start = start.to(memory_format=torch.channels_last)
+        flops = 2 * count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
+        for args.precision in precisions:
+            for compile_ in compiled:
+                net = copy.deepcopy(start)
+                model, opt = torch.compile(net) if compile_ else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
 
-    def train_step(x):
-        with bf16_autocast(args):
-            loss, _ = RectifiedFlowLoss()(model.train(), x, 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+                def sample(sampler, z):
+                    with bf16_autocast(args):
+                        return sample_with(model.eval(), z, sampler, rtol=args.rtol, atol=args.atol)
 
-    def sample(sampler):
-        def run(z):
-            with bf16_autocast(args):
-                return sample_with(model.eval(), z, sampler, rtol=args.rtol, atol=args.atol)
-        return run
+                def train_step(x):
+                    with bf16_autocast(args):
+                        loss, _ = RectifiedFlowLoss()(model.train(), x, 0)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
 
-    rows = [("train step", samples_per_second(train_step, x1), ceiling / (3 * flops), 1)]
-    rows.append(("sample, one step", samples_per_second(sample("one_step"), x1), ceiling / flops, 1))
-    tic = time.perf_counter()
-    nfe = sample("rk45")(x1)[1]  # one solve: RK45 is too slow to repeat
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    rows.append(("sample, RK45", len(x1) / (time.perf_counter() - tic), ceiling / (flops * nfe), nfe))
-    print(f"[bench] {args.model}: {num_params(net):,} parameters, {si(flops / 2)} MACs per sample, batch "
-          f"{args.batch_size}, {args.precision}{', compiled' if args.compile else ''}, on {device} "
-          f"({torch.cuda.get_device_name(device) if torch.device(device).type == 'cuda' else 'CPU'}); "
-          f"matmul ceiling {ceiling / 1e12:.2f} TFLOP/s")
-    print(f"{'':18s}{'NFE':>5s}{'samples/s':>12s}{'ceiling':>12s}{'of ceiling':>12s}")
-    for name, rate, limit, n in rows:
-        print(f"{name:18s}{n:>5}{rate:12.1f}{limit:12.1f}{rate / limit:11.1%}")
+                one_step = samples_per_second(lambda z: sample("one_step", z), z)
+                tic = time.perf_counter()
+                nfe = sample("rk45", z)[1]  # one solve: RK45 is too slow to repeat
+                rk45 = len(z) / (time.perf_counter() - tic)
+                train_rate, ceiling = samples_per_second(train_step, z), ceilings[args.precision]
+                rows.append(dict(model=name, params=num_params(net), macs=flops / 2, precision=args.precision,
+                                 compiled=compile_, train=train_rate, train_of_ceiling=train_rate * 3 * flops / ceiling,
+                                 one_step=one_step, one_step_of_ceiling=one_step * flops / ceiling, rk45_nfe=nfe,
+                                 rk45=rk45))
+                r = rows[-1]
+                print(f"{name:13s}{si(r['params']):>8s}{si(r['macs']):>8s}{r['precision']:>10s}"
+                      f"{'yes' if compile_ else 'no':>9s}{r['train']:10.1f}{r['train_of_ceiling']:9.1%}"
+                      f"{r['one_step']:11.1f}{r['one_step_of_ceiling']:9.1%}{nfe:9d}{rk45:9.1f}", flush=True)
+    fastest = {name: max(r["rk45"] for r in rows if r["model"] == name) for name in (args.model, args.teacher_model)}
+    print(f"one-step sampling of {args.model} / RK45 sampling of {args.teacher_model}, fastest of each: "
+          f"{max(r['one_step'] for r in rows if r['model'] == args.model) / fastest[args.teacher_model]:.0f}x")
     return rows
 
 

@@ -851,12 +851,16 @@ def test_precision_defaults_to_fp32_without_a_bf16_gpu():
     assert sf.resolve_precision(None, "cpu") == "fp32" and sf.resolve_precision("bf16", "cpu") == "bf16"
 
 
-def test_bench_prints_its_table_on_a_tiny_preset(tmp_path, capsys):
-    assert sf.main(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro", "--batch-size", "2",
-                    "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path)]) == 0
+def test_bench_compares_student_and_teacher(tmp_path, capsys):
+    rows = sf.stage_bench(sf.parse_args(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro",
+                                         "--teacher-model", "unet-tiny", "--batch-size", "2",
+                                         "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path)]))
+    assert [(r["model"], r["precision"], r["compiled"]) for r in rows] == [("unet-micro", "fp32", False),
+                                                                           ("unet-tiny", "fp32", False)]
+    assert rows[1]["params"] > rows[0]["params"] and rows[1]["macs"] > rows[0]["macs"]
+    assert all(r["train"] > 0 and 0 < r["one_step_of_ceiling"] and r["rk45_nfe"] > 1 and r["rk45"] > 0 for r in rows)
     out = capsys.readouterr().out
-    for row in ("train step", "sample, one step", "sample, RK45", "matmul ceiling", "of ceiling"):
-        assert row in out
+    assert "matmul ceiling fp32" in out and "one-step sampling of unet-micro / RK45 sampling of unet-tiny" in out
 
 
 # ----------------------------------------------------------------------------- pairs in shards
