@@ -1346,7 +1346,7 @@ def stage_pairs(args):
         x, nfe = rk45_sample(teacher, z0[i:i + args.pairs_batch].float().to(args.device), rtol=args.rtol,
                              atol=args.atol)
         save_atomic({"z1": x.cpu().to(dtype), "nfe": nfe}, shard[i])
-        print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {n * processes}/{len(todo)} shards in "
+        print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {min(n * processes, len(todo))}/{len(todo)} shards in "
               f"{time.time() - tic:.1f}s", flush=True)
     barrier()
     if rank == 0:
