@@ -1419,7 +1419,7 @@ def generate_all(net, stage, args):
 
 
 def sampler_name(stage, nfe, args):
-    return {"distill": "generator", "traflow": f"{nfe} jumps"}.get(stage, args.sampler)
+    return {"distill": "generator", "traflow": f"{nfe} jump" + "s" * (nfe > 1)}.get(stage, args.sampler)
 
 
 def stage_sample(args):
@@ -1740,7 +1740,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=positive_int)
     p.add_argument("--preview-every", type=non_negative(int), help="sample previews every N steps (0: off)")
     p.add_argument("--num-pairs", type=positive_int, help="reflow pairs to generate")
-    p.add_argument("--pairs-batch", type=positive_int, help="batch size of RK45 pair generation and sampling")
+    p.add_argument("--pairs-batch", type=positive_int,
+                   help="batch size of RK45 pair generation (one shard) and of sampling")
     p.add_argument("--rtol", type=positive_float, default=1e-5, help="RK45 relative tolerance")
     p.add_argument("--atol", type=positive_float, default=1e-5, help="RK45 absolute tolerance")
     p.add_argument("--beta-warmup", type=non_negative(int), help="Annealing Reflow K (0: plain reflow)")
