@@ -18,6 +18,7 @@ Section numbers (§) refer to METHOD.md, which states every equation used here.
 import argparse
 import copy
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -1051,16 +1052,21 @@ def update_ema(ema, net, decay):
 
 def start_processes(args):
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1):
-    each process takes the GPU cuda:LOCAL_RANK, or the CPU with gloo. Only rank 0 prints."""
+    NCCL between the processes' GPUs (cuda:LOCAL_RANK, see resolve_device), or gloo on
+    CPUs. Only rank 0 prints."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(args.device) if cuda else None)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")  # errors still reach stderr from every process
+
+
+def stop_processes():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world():
@@ -1123,11 +1129,14 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
         check_compatible(ckpt, ckpt_path, meta["dataset"], meta["model_name"])
         net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
+        if "data" not in ckpt["rng"]:
+            raise UsageError(f"{ckpt_path} was written by an older slimflow and cannot be continued exactly; "
+                             f"pass --overwrite to start over")
         data.generator.set_state(ckpt["rng"]["data"])
         step = saved_step = ckpt["step"]
         if len(ckpt["rng"]["processes"]) == processes:
             set_rng_state(ckpt["rng"]["processes"][rank])
-        else:  # the batches continue exactly; the noise cannot
+        else:  # the data stream continues (in global batches of another size); the noise cannot
             torch.manual_seed(args.seed + rank + processes * step)
             print(f"[{meta['stage']}] the checkpoint was written by {len(ckpt['rng']['processes'])} "
                   f"processes, this run has {processes}: the noise streams restart")
@@ -1223,7 +1232,12 @@ def data_shape(args):
 def training_data(args):
     if is_toy(args):  # a large fixed pool of points stands in for the distribution
         return TrainingData(toy_data(args.dataset, 100_000, args.seed), device=args.device, seed=args.seed)
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0  # under torchrun, one process per machine downloads
+    if not first:
+        barrier()
     x = image_dataset(args.dataset, args.data_dir, args.image_size, args.max_images, args.seed)
+    if first:
+        barrier()
     print(f"[data] {args.dataset}: {len(x)} images of shape {tuple(x.shape[1:])}")
     return TrainingData(x, flip=args.flip, device=args.device, seed=args.seed)
 
@@ -1318,12 +1332,12 @@ def stage_pairs(args):
         print(f"[pairs] reusing {path}")
         return
     refuse_overwrite(args, path)
-    teacher, ckpt = load_stage_network(args, "teacher")
+    teacher, _ = load_stage_network(args, "teacher")
     rank, processes = world()
     shards = path.with_suffix(".shards")
-    recipe = {"dataset": args.dataset, "seed": args.seed, "num_pairs": args.num_pairs, "rtol": args.rtol,
-              "atol": args.atol, "teacher": str(args.teacher_ckpt or out_path(args, "teacher")),
-              "teacher_step": ckpt.get("step")}
+    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
+    recipe = {"dataset": args.dataset, "shape": list(data_shape(args)), "seed": args.seed,
+              "num_pairs": args.num_pairs, "rtol": args.rtol, "atol": args.atol, "teacher": weights.hexdigest()}
     made = json.loads((shards / "recipe.json").read_text()) if (shards / "recipe.json").exists() else recipe
     if made != recipe and not args.overwrite:
         raise UsageError(f"{shards} holds shards of another run ({made}); pass --overwrite to start over")
@@ -1339,6 +1353,7 @@ def stage_pairs(args):
     starts = range(0, args.num_pairs, args.pairs_batch)
     shard = {i: shards / f"{i:09d}-{min(i + args.pairs_batch, args.num_pairs):09d}.pt" for i in starts}
     todo = [i for i in starts if not shard[i].exists()]
+    barrier()  # every process has listed the missing shards before any writes one: they share one list
     if len(todo) < len(starts):
         print(f"[pairs] {len(starts) - len(todo)} of {len(starts)} shards already in {shards}; solving the rest")
     tic = time.time()
@@ -1564,7 +1579,9 @@ def stage_all(args):
             continue
         configure_stage(args, stage)
         STAGES[stage](args)
-    if world()[0] == 0:  # reports and samples come from rank 0 alone
+    rank = world()[0]
+    stop_processes()  # the report and the samples come from rank 0 alone
+    if rank == 0:
         if is_toy(args):
             toy_report(args)
         else:
@@ -1586,6 +1603,8 @@ def bench_rates(net, z, args, compile_=False):
     """Samples per second of net on the batch z, in the precision args.precision says:
     one-step sampling, one RK45 solve (with its NFE), and training steps of the
     rectified-flow loss (which change net's weights, so they come last)."""
+    if compile_:
+        torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
     model, opt = torch.compile(net) if compile_ else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
 
     def sample(sampler, z):
@@ -1792,8 +1811,11 @@ def configure_stage(args, stage):
 
 
 def resolve_device(name):
+    """A device name that works here; under torchrun, a GPU means this process's own one."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.split(":")[0] == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         torch.empty(0, device=name)
     except Exception:
@@ -1814,10 +1836,12 @@ def resolve_precision(precision, device):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        start_processes(args)
+        if args.stage not in ("sample", "eval", "bench"):
+            start_processes(args)
+        elif int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 alone samples, evaluates, benchmarks
+            return 0
         torch.manual_seed(args.seed)
-        if world()[0] == 0 or args.stage not in ("sample", "eval", "bench"):  # one process is enough for these
-            STAGES[args.stage](args)
+        STAGES[args.stage](args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1825,8 +1849,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        stop_processes()
     return 0
 
 

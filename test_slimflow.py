@@ -369,6 +369,18 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, stage):
         assert_same_tensors(opt_a[k], opt_b[k])
 
 
+def test_a_checkpoint_without_the_data_stream_is_not_resumed(teacher_run, capsys):
+    out, _ = teacher_run
+    ckpt = torch.load(out / "teacher.pt", weights_only=True)
+    ckpt["rng"] = ckpt["rng"]["processes"][0]  # the layout of older slimflow checkpoints
+    torch.save(ckpt, out / "teacher.pt")
+    before = (out / "teacher.pt").read_bytes()
+    capsys.readouterr()
+    assert run(out, "--stage", "teacher", "--resume", "--steps", "40") == 2
+    assert_one_line_error(capsys, "written by an older slimflow")
+    assert (out / "teacher.pt").read_bytes() == before
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher", "--ckpt-every", "5"])
     meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
@@ -901,6 +913,18 @@ def test_stopped_pair_generation_continues_with_the_missing_shards(tmp_path, mon
     assert len(calls) == 2  # 256 pairs: 4 shards, 2 already solved
     a, b = (torch.load(tmp_path / out / "pairs.pt", weights_only=True) for out in ("straight", "split"))
     assert torch.equal(a["z0"], b["z0"]) and torch.equal(a["z1"], b["z1"])
+
+
+def test_shards_of_another_teacher_are_refused(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    monkeypatch.setattr(sf, "rk45_sample", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--stage", "pairs", "--pairs-batch", "64")
+    monkeypatch.undo()
+    assert run(tmp_path, "--stage", "teacher", "--overwrite", "--lr", "3e-2") == 0  # same path, same steps
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 2
+    assert_one_line_error(capsys, "holds shards of another run")
 
 
 def test_shards_of_another_run_are_refused_until_overwrite(tmp_path, capsys):
