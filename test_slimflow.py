@@ -969,17 +969,22 @@ def train_fixed_time(out, batch_size):
     sf.train(sf.build_model("mlp-64x2", (2,)), FixedTimeVelocityLoss(), pairs, args, out / "reflow.pt", meta)
 
 
-def ddp_worker(rank, processes, port, out):
+def join_two(rank, port):
+    """The environment torchrun gives process `rank` of 2."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(processes))
+                      WORLD_SIZE="2")
+
+
+def ddp_worker(rank, port, out):
+    join_two(rank, port)
     try:
         train_fixed_time(out, 32)
     finally:
-        torch.distributed.destroy_process_group()
+        sf.stop_processes()
 
 
 def test_two_processes_take_the_steps_of_one_process_with_their_global_batch(tmp_path):
-    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), tmp_path / "two"), nprocs=2)
+    torch.multiprocessing.spawn(ddp_worker, args=(free_port(), tmp_path / "two"), nprocs=2)
     train_fixed_time(tmp_path / "one", 64)
     two, one = (torch.load(tmp_path / out / "reflow.pt", weights_only=True) for out in ("two", "one"))
     assert two["step"] == one["step"] == 20 and len(two["rng"]["processes"]) == 2
@@ -989,21 +994,28 @@ def test_two_processes_take_the_steps_of_one_process_with_their_global_batch(tmp
     assert (two["model"]["net.0.weight"] - sf.build_model("mlp-64x2", (2,)).state_dict()["net.0.weight"]).abs().max() > 1e-3
 
 
-def torchrun(out, *argv):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HERE / "slimflow.py"), "--out", str(out), *TINY, "--pairs-batch", "64", *argv],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+def main_worker(rank, port, argv):
+    join_two(rank, port)
+    assert sf.main(argv) == 0
+
+
+def two_processes(out, *argv):
+    """slimflow's command line in two processes, as torchrun --nproc_per_node 2 starts it."""
+    argv = ["--out", str(out), *TINY, "--pairs-batch", "64", *argv]
+    torch.multiprocessing.spawn(main_worker, args=(free_port(), argv), nprocs=2)
 
 
 def test_torchrun_runs_every_stage_and_writes_once(tmp_path):
-    out = torchrun(tmp_path, "--stage", "all")
-    assert out.count("[teacher] step 20/20") == 1 and out.count("SlimFlow one-step generator") == 1
-    assert "x 2 processes" in out
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(HERE / "slimflow.py"), "--out", str(tmp_path), *TINY, "--pairs-batch", "64",
+                           "--stage", "all"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[teacher] step 20/20") == 1 and proc.stdout.count("SlimFlow one-step generator") == 1
+    assert "x 2 processes" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["distill.pt", "pairs.pt", "reflow.pt", "results.json",
                                                          "teacher.pt", "trajectories.png"]
-    torchrun(tmp_path, "--stage", "traflow")  # forward-mode AD through DistributedDataParallel
+    two_processes(tmp_path, "--stage", "traflow")  # forward-mode AD through DistributedDataParallel
     assert sf.read_checkpoint(tmp_path / "traflow.pt")["step"] == 20
     # the pairs do not depend on how many processes solved them
     assert run(tmp_path / "one", "--stage", "pairs", "--pairs-batch", "64", "--teacher-ckpt",
@@ -1012,10 +1024,10 @@ def test_torchrun_runs_every_stage_and_writes_once(tmp_path):
     assert torch.equal(a["z0"], b["z0"]) and torch.equal(a["z1"], b["z1"])
 
 
-def test_torchrun_resumes_exactly(tmp_path):
-    torchrun(tmp_path / "straight", "--stage", "teacher", "--steps", "12", "--ckpt-every", "6")
-    torchrun(tmp_path / "split", "--stage", "teacher", "--steps", "6")
-    torchrun(tmp_path / "split", "--stage", "teacher", "--steps", "12", "--resume")
+def test_two_processes_resume_exactly(tmp_path):
+    two_processes(tmp_path / "straight", "--stage", "teacher", "--steps", "12", "--ckpt-every", "6")
+    two_processes(tmp_path / "split", "--stage", "teacher", "--steps", "6")
+    two_processes(tmp_path / "split", "--stage", "teacher", "--steps", "12", "--resume")
     step_a, model_a, ema_a, opt_a = state_of(tmp_path / "straight" / "teacher.pt")
     step_b, model_b, ema_b, opt_b = state_of(tmp_path / "split" / "teacher.pt")
     assert step_a == step_b == 12
