@@ -10,8 +10,9 @@ file is written and run:
     distill   Flow-Guided Distillation: G(z) = z + u(z, eps)       (§5)
     sample    draw from any stage's checkpoint with any sampler
 
-`python slimflow.py` runs all of it on a 2-D toy on a CPU in about a minute;
-`python slimflow.py --dataset cifar10 --stage distill` is one stage of the paper's recipe.
+`python slimflow.py` runs all of it on a 2-D toy on a CPU in about half a minute;
+`python slimflow.py --dataset cifar10 --stage distill` is one stage of the paper's recipe,
+and `torchrun --nproc_per_node N slimflow.py ...` runs any stage on N GPUs.
 Section numbers (§) refer to METHOD.md, which states every equation used here.
 """
 
