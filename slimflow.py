@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401 -- before any process group exists: see start_processes
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -45,7 +46,7 @@ class UsageError(Exception):
 
 
 class TrainingError(Exception):
-    """Training cannot go on (a NaN loss): printed as one line, exit status 1."""
+    """Training or solving cannot go on (a NaN loss or velocity): one line, exit status 1."""
 
 
 # -----------------------------------------------------------------------------
@@ -568,10 +569,15 @@ def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
     The state lives in float64 on the host, as scipy needs."""
     def f(t, y):
         x = torch.from_numpy(y).reshape(z.shape).to(z.device, z.dtype)
-        return velocity(x, _at(t, x)).double().cpu().numpy().reshape(-1)
+        v = velocity(x, _at(t, x)).double().cpu().numpy().reshape(-1)
+        if not np.isfinite(v).all():  # scipy would shrink its step forever
+            raise TrainingError(f"RK45: the velocity is not finite at t = {t:.4f}; is the network diverged?")
+        return v
 
     sol = solve_ivp(f, (eps, 1), z.double().cpu().numpy().reshape(-1), method="RK45",
                     rtol=rtol, atol=atol)
+    if not sol.success:
+        raise TrainingError(f"RK45 failed: {sol.message}")
     path = torch.from_numpy(sol.y.T).reshape(-1, *z.shape).to(z.device, z.dtype)
     return _result(path[-1], sol.nfev, list(path), trajectory)
 
@@ -705,7 +711,7 @@ class FlowGuidedDistillationLoss:
 # One network G(x_t, t, s) moves a state from time t to any s ≥ t:
 #     g(x_t, t, s) = x_t + (s - t)·G(x_t, t, s)          (so g(x, t, t) = x)
 # so that 1, 2 or N calls of the same network generate. Its targets, from a pre-trained flow v:
-#     output        g(Z0, eps, 1) = Z1 on the teacher's pairs (RMSE)
+#     output        g(Z0, eps, 1) = Z1 on the teacher's pairs (RMSE of each pair, averaged)
 #     velocity      ∂g(x_t, t, s)/∂s = v(g(x_t, t, s), s), by forward-mode AD in s
 #     consistency   g(x_t, t, 1) = g(x_u, u, 1) for t < u < 1, the target under stop-gradient
 
@@ -744,7 +750,7 @@ class TraFlowLoss:
         later = lambda: t + (1 - t) * torch.rand_like(t)  # noqa: E731 -- a time in (t, 1)
         losses = {}
         if self.phase_steps == 0 or step >= self.phase_steps:
-            losses["out"] = (traflow_map(model, z0, _at(EPS, z0), one) - z1).square().mean().sqrt()
+            losses["out"] = l2_distance(traflow_map(model, z0, _at(EPS, z0), one), z1).sqrt().mean()
             s = later()
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
                 g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
@@ -1054,7 +1060,12 @@ def update_ema(ema, net, decay):
 def start_processes(args):
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1):
     NCCL between the processes' GPUs (cuda:LOCAL_RANK, see resolve_device), or gloo on
-    CPUs. Only rank 0 prints."""
+    CPUs. Only rank 0 prints.
+
+    torch.distributed.nn is imported at the top of this file, before the group exists:
+    imported later (DDP does), its functions' default arguments would hold the group for
+    good, destroy_process_group could not stop gloo's threads, and a thread still
+    releasing a tensor at exit would abort the interpreter."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return
     cuda = torch.device(args.device).type == "cuda"
@@ -1230,6 +1241,18 @@ def data_shape(args):
                                       args.image_size, args.image_size)
 
 
+# Fixed noise has one stream per use, seed + offset. The pairs' noise is training data (the
+# generator learns G(Z0) = Z1 on exactly those Z0), so samples, previews and FID never reuse it.
+NOISE_STREAMS = {"pairs": 0, "samples": 1, "report": 2, "trajectories": 5, "eval": 7}
+
+
+def fixed_noise(args, n, stream):
+    """n draws of X0 ~ N(0, I) in the data's shape, on the host: the same in every run and
+    every process with this --seed."""
+    generator = torch.Generator().manual_seed(args.seed + NOISE_STREAMS[stream])
+    return torch.randn(n, *data_shape(args), generator=generator)
+
+
 def training_data(args):
     if is_toy(args):  # a large fixed pool of points stands in for the distribution
         return TrainingData(toy_data(args.dataset, 100_000, args.seed), device=args.device, seed=args.seed)
@@ -1289,8 +1312,7 @@ def save_preview(x, path, data=None):
 def previewer(args, stage, sample_fn):
     """A preview callback for train(): samples of the current EMA network."""
     folder = Path(args.out) / "previews"
-    z = torch.randn(64 if not is_toy(args) else 2000, *data_shape(args),
-                    generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    z = fixed_noise(args, 2000 if is_toy(args) else 64, "samples").to(args.device)
     data = toy_data(args.dataset, 2000, args.seed + 1) if is_toy(args) else None
 
     def preview(ema, step):
@@ -1321,6 +1343,13 @@ def stage_teacher(args):
                        lambda v, z: euler_sample(v, z, 8)[0])
 
 
+def recipe_change(made, recipe):
+    """How the recipe a file of pairs was solved with differs from this run's, in words."""
+    if made is None:
+        return "by an older slimflow, which kept no recipe"
+    return "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k])
+
+
 def stage_pairs(args):
     """(Z0, Z1 = ODE_v1(Z0)) with RK45 (§3), solved in shards of --pairs-batch pairs. Z0 is
     drawn at once from the seed, so a shard is the same whichever process solves it and
@@ -1329,9 +1358,6 @@ def stage_pairs(args):
     pairs.pt, float16 for images (the coupling needs no more; Z0 is rounded before it is
     solved, so every stored pair is exact) and float32 for 2-D points."""
     path = out_path(args, "pairs")
-    if path.exists() and args.resume:
-        print(f"[pairs] reusing {path}")
-        return
     refuse_overwrite(args, path)
     teacher, _ = load_stage_network(args, "teacher")
     rank, processes = world()
@@ -1339,9 +1365,15 @@ def stage_pairs(args):
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
     recipe = {"dataset": args.dataset, "shape": list(data_shape(args)), "seed": args.seed,
               "num_pairs": args.num_pairs, "rtol": args.rtol, "atol": args.atol, "teacher": weights.hexdigest()}
+    if path.exists() and args.resume:  # finished pairs are reused only for the same teacher and recipe
+        made = read_checkpoint(path).get("recipe")
+        if made != recipe:
+            raise UsageError(f"{path} was solved {recipe_change(made, recipe)}; pass --overwrite to solve them again")
+        print(f"[pairs] reusing {path}: same teacher and recipe")
+        return
     made = json.loads((shards / "recipe.json").read_text()) if (shards / "recipe.json").exists() else recipe
     if made != recipe and not args.overwrite:
-        raise UsageError(f"{shards} holds shards of another run ({made}); pass --overwrite to start over")
+        raise UsageError(f"{shards} holds shards solved {recipe_change(made, recipe)}; pass --overwrite to start over")
     barrier()  # every process has read the old recipe before rank 0 replaces it
     if rank == 0:
         if args.overwrite:
@@ -1350,7 +1382,7 @@ def stage_pairs(args):
         (shards / "recipe.json").write_text(json.dumps(recipe))
     barrier()
     dtype = torch.float32 if is_toy(args) else torch.float16
-    z0 = torch.randn(args.num_pairs, *data_shape(args), generator=torch.Generator().manual_seed(args.seed)).to(dtype)
+    z0 = fixed_noise(args, args.num_pairs, "pairs").to(dtype)
     starts = range(0, args.num_pairs, args.pairs_batch)
     shard = {i: shards / f"{i:09d}-{min(i + args.pairs_batch, args.num_pairs):09d}.pt" for i in starts}
     todo = [i for i in starts if not shard[i].exists()]
@@ -1369,7 +1401,7 @@ def stage_pairs(args):
         parts = [torch.load(shard[i], weights_only=True) for i in starts]
         nfe = float(np.mean([p["nfe"] for p in parts]))
         save_atomic({"format": "slimflow", "stage": "pairs", "dataset": args.dataset, "z0": z0,
-                     "z1": torch.cat([p["z1"] for p in parts]), "teacher_nfe": nfe}, path)
+                     "z1": torch.cat([p["z1"] for p in parts]), "teacher_nfe": nfe, "recipe": recipe}, path)
         shutil.rmtree(shards)
         print(f"[pairs] wrote {args.num_pairs} pairs to {path} (mean RK45 NFE {nfe:.0f})")
     barrier()
@@ -1429,7 +1461,7 @@ def pick_stage(args):
 
 def generate_all(net, stage, args):
     """args.num_samples samples from seeded noise, in batches of --pairs-batch; and the NFE."""
-    z = torch.randn(args.num_samples, *data_shape(args), generator=torch.Generator().manual_seed(args.seed))
+    z = fixed_noise(args, args.num_samples, "samples")
     batches = [generate(net, stage, zb.to(args.device), args) for zb in z.split(args.pairs_batch)]
     return torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
 
@@ -1468,6 +1500,7 @@ def fid_of(x, args, extractor=None):
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, mu=mu_real, sigma=sigma_real)
         print(f"[fid] cached training-set statistics in {cache}")
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # 8-bit, like the training images and saved samples
     mu, sigma = gaussian_stats(image_features(extractor, x.split(args.pairs_batch), args.device, "samples"))
     return frechet_distance(mu, sigma, mu_real, sigma_real)
 
@@ -1492,12 +1525,12 @@ def stage_eval(args, extractor=None):
         row["sw2_floor"] = sliced_wasserstein(toy_data(args.dataset, len(x), args.seed + 4), data)
     else:
         row["fid"] = fid_of(x, args, extractor)
-    z = torch.randn(min(args.num_samples, args.pairs_batch), *data_shape(args),
-                    generator=torch.Generator().manual_seed(args.seed + 7)).to(args.device)
+    z = fixed_noise(args, min(args.num_samples, args.pairs_batch), "eval").to(args.device)
     t = torch.full((1,), 0.5, device=args.device)
     inputs = {"distill": (z[:1],), "traflow": (z[:1], t, t)}.get(stage, (z[:1], t))
-    row["macs"] = count_macs(net, *inputs)["total"]  # per network evaluation, as in the paper
-    row["flops"] = 2 * row["macs"]
+    macs = count_macs(net, *inputs)  # per network evaluation
+    row["macs"] = macs["conv"] + macs["linear"]  # as the paper counts them: attention left out
+    row["macs_with_attention"], row["flops"] = macs["total"], 2 * row["macs"]
     if stage in ("teacher", "reflow"):
         row["straightness"] = straightness(net, z[:1000])
     row["samples_per_s"] = samples_per_second(lambda zb: generate(net, stage, zb, args), z, repeats=2)
@@ -1523,7 +1556,7 @@ def toy_report(args):
     teacher, _ = load_stage_network(args, "teacher")
     flow2, _ = load_stage_network(args, "reflow")
     generator, _ = load_stage_network(args, "distill")
-    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(args.seed + 2)).to(args.device)
+    z = fixed_noise(args, n, "report").to(args.device)
     data = toy_data(args.dataset, n, args.seed + 3)
     floor = sliced_wasserstein(toy_data(args.dataset, n, args.seed + 4), data)
     rows = [("data floor (two data draws)", None, None, floor)]
@@ -1549,7 +1582,7 @@ def plot_trajectories(args, teacher, flow2, generator, n=300):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(args.seed + 5)).to(args.device)
+    z = fixed_noise(args, n, "trajectories").to(args.device)
     _, _, path_t = rk45_sample(teacher, z, rtol=args.rtol, atol=args.atol, trajectory=True)
     _, _, path_2 = euler_sample(flow2, z, 20, trajectory=True)
     path_g = torch.stack([z, generator(z)])

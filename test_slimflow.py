@@ -102,6 +102,12 @@ def test_rk45_solves_a_nonlinear_ode_within_its_tolerance():
     assert nfe_loose < nfe and (x_loose - exact).abs().max() < 1e-2
 
 
+def test_rk45_stops_at_a_velocity_that_is_not_finite():  # scipy alone would shrink its step forever
+    diverged = lambda x, t: torch.where(t[:, None] > 0.5, float("nan"), x)  # noqa: E731
+    with pytest.raises(sf.TrainingError, match=r"not finite at t = 0\.[5-9]"):
+        sf.rk45_sample(diverged, torch.randn(4, 2))
+
+
 def test_trajectories_run_from_noise_to_sample():
     z = torch.randn(6, 2)
     for sample, steps in [(lambda v, z: sf.euler_sample(v, z, 4, trajectory=True), 5),
@@ -750,9 +756,18 @@ def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
     args = sf.parse_args([*argv, "--stage", "eval", "--num-samples", "48", "--pairs-batch", "8", "--sampler", "euler",
                           "--nfe", "2"])
     row = sf.stage_eval(args, extractor=extractor)
-    assert row["fid"] > 0 and row["nfe"] == 2 and row["macs"] > 0
+    assert row["fid"] > 0 and row["nfe"] == 2 and row["macs_with_attention"] > row["macs"] > 0
     assert len(list((tmp_path / "data").glob("fid_stats_shapes_train_32px_48_*.npz"))) == 1  # cached
     assert sf.stage_eval(args, extractor=extractor)["fid"] == pytest.approx(row["fid"], rel=1e-9)
+
+
+def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
+    args = sf.parse_args(["--dataset", "shapes", "--max-images", "48", "--out", str(tmp_path), "--data-dir",
+                          str(tmp_path / "data"), "--stage", "eval", "--pairs-batch", "16"])
+    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
+    real = sf.to_unit_range(sf.image_dataset("shapes", args.data_dir, 32, 48, args.seed))
+    assert sf.fid_of(real + 0.0035, args, extractor) == pytest.approx(0, abs=1e-4)  # within half an 8-bit level
+    assert sf.fid_of(real + 0.01, args, extractor) > 1e-3
 
 
 # ----------------------------------------------------------------------------- TraFlow
@@ -785,6 +800,18 @@ def test_traflow_losses_are_zero_for_a_student_of_an_exactly_straight_teacher(ph
     assert logs and all(v < 1e-12 for v in logs.values()) and loss.item() < 1e-12
     expected = {"out", "vel", "cons"} if phases == 0 else {"cons"} if step < phases else {"out", "vel"}
     assert set(logs) == expected
+
+
+def test_traflow_output_term_is_a_mean_over_pairs():  # so that N processes take the global batch's step
+    torch.manual_seed(0)
+    loss_fn = sf.TraFlowLoss(sf.build_model("mlp-32x2", (2,)), phase_steps=1)
+    student = sf.build_model("mlp-32x2", (2,), two_times=True)
+    z0, z1 = torch.randn(8, 2), 3 * torch.randn(8, 2)
+    whole = loss_fn(student, (z0, z1), 1)[1]["out"]
+    halves = [loss_fn(student, (z0[i:i + 4], z1[i:i + 4]), 1)[1]["out"] for i in (0, 4)]
+    assert whole == pytest.approx(sum(halves) / 2, rel=1e-6)
+    per_pair = (student(z0, torch.full((8,), sf.EPS), torch.ones(8)) * (1 - sf.EPS) + z0 - z1).square().mean(1).sqrt()
+    assert whole == pytest.approx(per_pair.mean().item(), rel=1e-6)
 
 
 def test_a_two_time_network_starts_as_the_one_time_network():
@@ -924,7 +951,32 @@ def test_shards_of_another_teacher_are_refused(tmp_path, capsys, monkeypatch):
     assert run(tmp_path, "--stage", "teacher", "--overwrite", "--lr", "3e-2") == 0  # same path, same steps
     capsys.readouterr()
     assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 2
-    assert_one_line_error(capsys, "holds shards of another run")
+    assert_one_line_error(capsys, "holds shards solved with another teacher;")
+
+
+def test_finished_pairs_of_another_teacher_are_not_reused(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    assert run(tmp_path, "--stage", "pairs") == 0
+    assert run(tmp_path, "--stage", "pairs", "--resume") == 0  # same teacher and recipe: reused
+    assert "reusing" in capsys.readouterr().out
+    assert run(tmp_path, "--stage", "teacher", "--steps", "30", "--resume") == 0  # the teacher trains on
+    before = (tmp_path / "pairs.pt").read_bytes()
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "pairs", "--resume") == 2
+    assert_one_line_error(capsys, "was solved with another teacher; pass --overwrite")
+    assert (tmp_path / "pairs.pt").read_bytes() == before
+    assert run(tmp_path, "--stage", "pairs", "--resume", "--num-pairs", "512") == 2
+    assert_one_line_error(capsys, "was solved with another num_pairs, teacher;")
+
+
+def test_samples_never_reuse_the_noise_of_the_training_pairs(tmp_path):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    assert run(tmp_path, "--stage", "pairs") == 0
+    args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "sample", "--num-samples", "256"])
+    noise, _ = sf.generate_all(lambda z: z, "distill", args)  # a generator that returns its noise
+    z0 = torch.load(tmp_path / "pairs.pt", weights_only=True)["z0"]
+    assert noise.shape == z0.shape and (noise - z0).abs().min() > 0
+    assert torch.equal(noise, sf.generate_all(lambda z: z, "distill", args)[0])  # and is fixed by the seed
 
 
 def test_shards_of_another_run_are_refused_until_overwrite(tmp_path, capsys):
@@ -935,7 +987,7 @@ def test_shards_of_another_run_are_refused_until_overwrite(tmp_path, capsys):
     (shards / "000000000-000000064.pt").write_bytes(b"stale")
     capsys.readouterr()
     assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 2
-    assert_one_line_error(capsys, "holds shards of another run")
+    assert_one_line_error(capsys, "holds shards solved with another dataset, shape, seed")
     assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64", "--overwrite") == 0
     assert torch.load(tmp_path / "pairs.pt", weights_only=True)["z1"].shape == (256, 2)
 
@@ -976,20 +1028,21 @@ def join_two(rank, port):
                       WORLD_SIZE="2")
 
 
-def leave():
-    """End a worker whose work is done and checked, without the interpreter's teardown: there,
-    about one exit in a hundred of a process that used torch's gloo backend aborts inside
-    torch ("terminate called without an active exception"), long after our work is written."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def gloo_threads():
+    """Names of the threads of torch's gloo backend in this process (None off Linux)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.exists():
+        return None
+    return [name for name in ((t / "comm").read_text().strip() for t in tasks.iterdir()) if "gloo" in name]
 
 
 def ddp_worker(rank, port, out):
     join_two(rank, port)
     train_fixed_time(out, 32)
+    running = gloo_threads()
     sf.stop_processes()
-    leave()
+    if running is not None:  # none outlives the group: one left running at exit can abort Python
+        assert running and not gloo_threads()
 
 
 def test_two_processes_take_the_steps_of_one_process_with_their_global_batch(tmp_path):
@@ -1006,7 +1059,6 @@ def test_two_processes_take_the_steps_of_one_process_with_their_global_batch(tmp
 def main_worker(rank, port, argv):
     join_two(rank, port)
     assert sf.main(argv) == 0
-    leave()
 
 
 def two_processes(out, *argv):
