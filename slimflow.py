@@ -599,7 +599,8 @@ def sample_with(velocity, z, sampler, nfe=1, rtol=1e-5, atol=1e-5):
 # -----------------------------------------------------------------------------
 # 4. SlimFlow losses
 # One small class per objective (as in EDM's loss.py): called with the network being
-# trained, a batch and the step, each returns (loss, logs).
+# trained, a batch and the step, each returns (loss, logs); the logs stay tensors on the
+# device until they are printed, so that no training step waits for the host.
 #   RectifiedFlowLoss            the 1-rectified flow, random pairing (§2)
 #   AnnealingReflowLoss          SlimFlow stage 1, β(k) from 1 to 0 (§4)
 #   FlowGuidedDistillationLoss   SlimFlow stage 2, pairs + 2-RF regularization (§5)
@@ -699,11 +700,11 @@ class FlowGuidedDistillationLoss:
         z0, z1 = pair
         pair_loss = self.distance(generator(z0), z1).mean()
         if self.reg_weight == 0:
-            return pair_loss, {"pair": pair_loss.item()}
+            return pair_loss, {"pair": pair_loss.detach()}
         z = torch.randn_like(z0)
         x = generator(z)
         reg_loss = self.distance(x, self.target(z, (x - z).detach())).mean()
-        return pair_loss + self.reg_weight * reg_loss, {"pair": pair_loss.item(), "reg": reg_loss.item()}
+        return pair_loss + self.reg_weight * reg_loss, {"pair": pair_loss.detach(), "reg": reg_loss.detach()}
 
 
 # -----------------------------------------------------------------------------
@@ -764,7 +765,7 @@ class TraFlowLoss:
                        else x_t + broadcast_time(u - t, x_t) * self.teacher(x_t, t))
                 target = traflow_map(self.ema if self.wants_ema else model, x_u, u, one)
             losses["cons"] = self.lambda_cons * (traflow_map(model, x_t, t, one) - target).square().mean()
-        return sum(losses.values()), {k: v.item() for k, v in losses.items()}
+        return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -1101,12 +1102,12 @@ def gather(obj):
     return objs
 
 
-def finite_everywhere(loss):
-    """Whether the loss is finite in every process: all stop together, none waits forever."""
-    ok = torch.isfinite(loss.detach()).float()
+def first_bad_step(bad_step):
+    """The first step whose loss was not finite in any process, from each process's record
+    on its device: every process gets the same answer, so all stop together."""
     if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+    return int(bad_step)
 
 
 def rng_state():
@@ -1177,14 +1178,16 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
         model = torch.compile(model)
     net.train()
     tic, tic_step = time.time(), step
+    # the first step with a non-finite loss, recorded on the device: checking it on the host
+    # at every step would make every step wait for the GPU, so it is read before each log,
+    # checkpoint or preview, and a NaN never reaches a checkpoint
+    bad_step = torch.tensor(args.steps, device=args.device)  # args.steps: none
     while step < args.steps:
         for group in opt.param_groups:  # linear warm-up of the learning rate
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         with bf16_autocast(args):
             loss, logs = objective(model, data.sample(args.batch_size, rank, processes), step)
-        if not finite_everywhere(loss):
-            raise TrainingError(f"[{meta['stage']}] loss is {loss.item()} at step {step}; stopped. "
-                                f"Last good checkpoint: {ckpt_path} (step {saved_step})")
+        bad_step = torch.where(torch.isfinite(loss.detach()), bad_step, bad_step.clamp(max=step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
@@ -1193,15 +1196,21 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
         step += 1
         update_ema(ema, net, min(args.ema_decay, (1 + step) / (10 + step)))  # short runs: warm EMA
 
-        if step % args.log_every == 0 or step == args.steps:
+        log = step % args.log_every == 0 or step == args.steps
+        ckpt = step % args.ckpt_every == 0 or step == args.steps
+        show = preview is not None and args.preview_every and step % args.preview_every == 0
+        if (log or ckpt or show) and first_bad_step(bad_step) < args.steps:
+            raise TrainingError(f"[{meta['stage']}] loss is not finite from step {int(bad_step)} on; stopped at "
+                                f"step {step}. Last good checkpoint: {ckpt_path} (step {saved_step})")
+        if log:
             rate = (step - tic_step) / (time.time() - tic)
             extra = "".join(f"  {k} {v:.4f}" for k, v in logs.items())
             print(f"[{meta['stage']}] step {step}/{args.steps}  loss {loss.item():.4f}{extra}  {rate:.1f} it/s",
                   flush=True)
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if ckpt:
             save()
             saved_step = step
-        if preview is not None and rank == 0 and args.preview_every and step % args.preview_every == 0:
+        if show and rank == 0:
             preview(ema, step)
     barrier()  # the next stage, in any process, reads the final checkpoint
     return ema

@@ -394,7 +394,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     def poisoned(net, x1, step):
         loss, logs = sf.RectifiedFlowLoss()(net, x1, step)
         return (loss * float("nan") if step == 7 else loss), logs
-    with pytest.raises(sf.TrainingError, match=r"loss is nan at step 7.*step 5"):
+    with pytest.raises(sf.TrainingError, match=r"loss is not finite from step 7 on; stopped at step 10.*step 5\)"):
         sf.train(sf.build_model("mlp-64x2", (2,)), poisoned, sf.TrainingData(torch.randn(100, 2)),
                  args, tmp_path / "teacher.pt", meta)
     ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
@@ -807,8 +807,8 @@ def test_traflow_output_term_is_a_mean_over_pairs():  # so that N processes take
     loss_fn = sf.TraFlowLoss(sf.build_model("mlp-32x2", (2,)), phase_steps=1)
     student = sf.build_model("mlp-32x2", (2,), two_times=True)
     z0, z1 = torch.randn(8, 2), 3 * torch.randn(8, 2)
-    whole = loss_fn(student, (z0, z1), 1)[1]["out"]
-    halves = [loss_fn(student, (z0[i:i + 4], z1[i:i + 4]), 1)[1]["out"] for i in (0, 4)]
+    whole = loss_fn(student, (z0, z1), 1)[1]["out"].item()
+    halves = [loss_fn(student, (z0[i:i + 4], z1[i:i + 4]), 1)[1]["out"].item() for i in (0, 4)]
     assert whole == pytest.approx(sum(halves) / 2, rel=1e-6)
     per_pair = (student(z0, torch.full((8,), sf.EPS), torch.ones(8)) * (1 - sf.EPS) + z0 - z1).square().mean(1).sqrt()
     assert whole == pytest.approx(per_pair.mean().item(), rel=1e-6)
@@ -1054,6 +1054,26 @@ def test_two_processes_take_the_steps_of_one_process_with_their_global_batch(tmp
         for name in one[key]:
             torch.testing.assert_close(two[key][name], one[key][name], rtol=1e-5, atol=1e-6)
     assert (two["model"]["net.0.weight"] - sf.build_model("mlp-64x2", (2,)).state_dict()["net.0.weight"]).abs().max() > 1e-3
+
+
+def nan_worker(rank, port, out):
+    join_two(rank, port)
+    args = sf.parse_args(["--out", str(out), *TINY, "--stage", "teacher", "--ckpt-every", "5"])
+    sf.start_processes(args)
+    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
+
+    def poisoned_in_rank_1(net, x1, step):
+        loss, logs = sf.RectifiedFlowLoss()(net, x1, step)
+        return (loss * float("nan") if step == 7 and rank == 1 else loss), logs
+    with pytest.raises(sf.TrainingError, match="not finite from step 7 on; stopped at step 10"):
+        sf.train(sf.build_model("mlp-64x2", (2,)), poisoned_in_rank_1, sf.TrainingData(torch.randn(100, 2)),
+                 args, out / "teacher.pt", meta)
+    sf.stop_processes()
+
+
+def test_a_nan_in_one_process_stops_every_process(tmp_path):
+    torch.multiprocessing.spawn(nan_worker, args=(free_port(), tmp_path), nprocs=2)  # neither waits forever
+    assert sf.read_checkpoint(tmp_path / "teacher.pt")["step"] == 5
 
 
 def main_worker(rank, port, argv):
