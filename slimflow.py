@@ -198,9 +198,11 @@ class TrainingData:
         idx = torch.randint(len(self), (batch_size * processes,), generator=self.generator)
         flip = torch.rand(batch_size * processes, generator=self.generator) < 0.5 if self.flip else None
         mine = slice(rank * batch_size, (rank + 1) * batch_size)
-        out = [to_unit_range(t[idx[mine].to(t.device)].to(self.device, non_blocking=True)) for t in self.tensors]
+        # non_blocking: a blocking copy to a GPU would wait for the whole queue of earlier work
+        out = [to_unit_range(t[idx[mine].to(t.device, non_blocking=True)].to(self.device, non_blocking=True))
+               for t in self.tensors]
         if self.flip:
-            flip = flip[mine].to(self.device)[:, None, None, None]
+            flip = flip[mine].to(self.device, non_blocking=True)[:, None, None, None]
             out = [torch.where(flip, o.flip(-1), o) for o in out]
         return out[0] if len(out) == 1 else tuple(out)
 
@@ -570,7 +572,7 @@ def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
     def f(t, y):
         x = torch.from_numpy(y).reshape(z.shape).to(z.device, z.dtype)
         v = velocity(x, _at(t, x)).double().cpu().numpy().reshape(-1)
-        if not np.isfinite(v).all():  # scipy would shrink its step forever
+        if not np.isfinite(v).all():  # scipy may never return from a NaN
             raise TrainingError(f"RK45: the velocity is not finite at t = {t:.4f}; is the network diverged?")
         return v
 
@@ -1250,9 +1252,11 @@ def data_shape(args):
                                       args.image_size, args.image_size)
 
 
-# Fixed noise has one stream per use, seed + offset. The pairs' noise is training data (the
-# generator learns G(Z0) = Z1 on exactly those Z0), so samples, previews and FID never reuse it.
-NOISE_STREAMS = {"pairs": 0, "samples": 1, "report": 2, "trajectories": 5, "eval": 7}
+# Fixed noise has one stream per use, seed + offset, away from the training noise of process
+# r (seed + r). The pairs' noise is training data (the generator learns G(Z0) = Z1 on exactly
+# those Z0), so samples, previews and FID never reuse it.
+NOISE_STREAMS = {"pairs": 10**6, "samples": 10**6 + 1, "report": 10**6 + 2, "trajectories": 10**6 + 3,
+                 "eval": 10**6 + 4}
 
 
 def fixed_noise(args, n, stream):
@@ -1374,7 +1378,7 @@ def stage_pairs(args):
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
     recipe = {"dataset": args.dataset, "shape": list(data_shape(args)), "seed": args.seed,
               "num_pairs": args.num_pairs, "rtol": args.rtol, "atol": args.atol, "teacher": weights.hexdigest()}
-    if path.exists() and args.resume:  # finished pairs are reused only for the same teacher and recipe
+    if path.exists() and args.resume and not args.overwrite:  # reused only for the same teacher and recipe
         made = read_checkpoint(path).get("recipe")
         if made != recipe:
             raise UsageError(f"{path} was solved {recipe_change(made, recipe)}; pass --overwrite to solve them again")
