@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -879,6 +880,27 @@ def test_traflow_stage_on_shapes(tmp_path):
 
 
 # ----------------------------------------------------------------------------- speed
+
+def synchronisations(out, steps):
+    """How many times train() makes the host wait for the GPU, in CUDA's sync-debug mode."""
+    args = sf.parse_args(["--out", str(out), *TINY, "--stage", "teacher", "--device", "cuda", "--steps", str(steps)])
+    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
+    data = sf.TrainingData(torch.randn(1000, 2), device="cuda")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sf.train(sf.build_model("mlp-64x2", (2,)).cuda(), sf.RectifiedFlowLoss(), data, args, out / "teacher.pt",
+                     meta)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_training_steps_do_not_wait_for_the_gpu(tmp_path):  # only logs, checkpoints and previews do
+    assert 0 < synchronisations(tmp_path / "a", 3) == synchronisations(tmp_path / "b", 9)  # one log and save each
+
 
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     assert run(tmp_path, "--stage", "teacher", "--precision", "bf16") == 0
