@@ -1381,7 +1381,8 @@ def stage_pairs(args):
     if path.exists() and args.resume and not args.overwrite:  # reused only for the same teacher and recipe
         made = read_checkpoint(path).get("recipe")
         if made != recipe:
-            raise UsageError(f"{path} was solved {recipe_change(made, recipe)}; pass --overwrite to solve them again")
+            raise UsageError(f"{path} was solved {recipe_change(made, recipe)}; solve them again with: "
+                             f"python slimflow.py {make_command(args, 'pairs')} --overwrite")
         print(f"[pairs] reusing {path}: same teacher and recipe")
         return
     made = json.loads((shards / "recipe.json").read_text()) if (shards / "recipe.json").exists() else recipe

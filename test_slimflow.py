@@ -985,7 +985,8 @@ def test_finished_pairs_of_another_teacher_are_not_reused(tmp_path, capsys):
     before = (tmp_path / "pairs.pt").read_bytes()
     capsys.readouterr()
     assert run(tmp_path, "--stage", "pairs", "--resume") == 2
-    assert_one_line_error(capsys, "was solved with another teacher; pass --overwrite")
+    assert_one_line_error(capsys, f"was solved with another teacher; solve them again with: python slimflow.py "
+                                  f"--dataset 8gaussians --out {tmp_path} --stage pairs --overwrite")
     assert (tmp_path / "pairs.pt").read_bytes() == before
     assert run(tmp_path, "--stage", "pairs", "--resume", "--num-pairs", "512") == 2
     assert_one_line_error(capsys, "was solved with another num_pairs, teacher;")
