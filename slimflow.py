@@ -1369,7 +1369,9 @@ def stage_pairs(args):
     whenever: shards already on disk are skipped (a stopped run continues where it was),
     and under torchrun the processes share the missing ones. Rank 0 then joins them into
     pairs.pt, float16 for images (the coupling needs no more; Z0 is rounded before it is
-    solved, so every stored pair is exact) and float32 for 2-D points."""
+    solved, so every stored pair is exact) and float32 for 2-D points. Shards and pairs.pt
+    keep their recipe (the teacher's weights as a hash, seed, count, tolerances): shards or a
+    --resume of another recipe are refused, so pairs never outlive their teacher unnoticed."""
     path = out_path(args, "pairs")
     refuse_overwrite(args, path)
     teacher, _ = load_stage_network(args, "teacher")
