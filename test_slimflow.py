@@ -337,13 +337,25 @@ def run(tmp_path, *argv):
     return sf.main(["--out", str(tmp_path), *TINY, *argv])
 
 
+def train_toy_teacher(args, objective, data):
+    """sf.train on a fresh mlp-64x2 teacher on args.device, into <args.out>/teacher.pt."""
+    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
+    return sf.train(sf.build_model("mlp-64x2", (2,)).to(args.device), objective, data, args,
+                    Path(args.out) / "teacher.pt", meta)
+
+
+def nan_at(bad_step, rank=None):
+    """The rectified-flow loss, made NaN at one step: in every process, or in process `rank`."""
+    def poisoned(net, x1, step):
+        loss, logs = sf.RectifiedFlowLoss()(net, x1, step)
+        return (loss * float("nan") if step == bad_step and rank in (None, sf.world()[0]) else loss), logs
+    return poisoned
+
+
 def test_checkpoint_round_trip_gives_the_same_network(tmp_path):
     args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher"])
     torch.manual_seed(0)
-    net = sf.build_model("mlp-64x2", (2,))
-    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
-    ema = sf.train(net, sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)), args,
-                   tmp_path / "teacher.pt", meta)
+    ema = train_toy_teacher(args, sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)))
     loaded = sf.network_from_checkpoint(sf.read_checkpoint(tmp_path / "teacher.pt"), "cpu")
     x, t = torch.randn(7, 2), torch.rand(7)
     assert torch.equal(loaded(x, t), ema(x, t))
@@ -390,14 +402,8 @@ def test_a_checkpoint_without_the_data_stream_is_not_resumed(teacher_run, capsys
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher", "--ckpt-every", "5"])
-    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
-
-    def poisoned(net, x1, step):
-        loss, logs = sf.RectifiedFlowLoss()(net, x1, step)
-        return (loss * float("nan") if step == 7 else loss), logs
     with pytest.raises(sf.TrainingError, match=r"loss is not finite from step 7 on; stopped at step 10.*step 5\)"):
-        sf.train(sf.build_model("mlp-64x2", (2,)), poisoned, sf.TrainingData(torch.randn(100, 2)),
-                 args, tmp_path / "teacher.pt", meta)
+        train_toy_teacher(args, nan_at(7), sf.TrainingData(torch.randn(100, 2)))
     ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "teacher.pt.tmp").exists()
@@ -884,14 +890,12 @@ def test_traflow_stage_on_shapes(tmp_path):
 def synchronisations(out, steps):
     """How many times train() makes the host wait for the GPU, in CUDA's sync-debug mode."""
     args = sf.parse_args(["--out", str(out), *TINY, "--stage", "teacher", "--device", "cuda", "--steps", str(steps)])
-    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
     data = sf.TrainingData(torch.randn(1000, 2), device="cuda")
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sf.train(sf.build_model("mlp-64x2", (2,)).cuda(), sf.RectifiedFlowLoss(), data, args, out / "teacher.pt",
-                     meta)
+            train_toy_teacher(args, sf.RectifiedFlowLoss(), data)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -1083,14 +1087,8 @@ def nan_worker(rank, port, out):
     join_two(rank, port)
     args = sf.parse_args(["--out", str(out), *TINY, "--stage", "teacher", "--ckpt-every", "5"])
     sf.start_processes(args)
-    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
-
-    def poisoned_in_rank_1(net, x1, step):
-        loss, logs = sf.RectifiedFlowLoss()(net, x1, step)
-        return (loss * float("nan") if step == 7 and rank == 1 else loss), logs
     with pytest.raises(sf.TrainingError, match="not finite from step 7 on; stopped at step 10"):
-        sf.train(sf.build_model("mlp-64x2", (2,)), poisoned_in_rank_1, sf.TrainingData(torch.randn(100, 2)),
-                 args, out / "teacher.pt", meta)
+        train_toy_teacher(args, nan_at(7, rank=1), sf.TrainingData(torch.randn(100, 2)))
     sf.stop_processes()
 
 
