@@ -961,12 +961,17 @@ def samples_per_second(sample_fn, z, repeats=3):
 # in several under torchrun.
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file, then rename: a crash never leaves half a file, and a
+    failed write (a full disk) leaves the previous file as it was and no partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_checkpoint(path, made_by=None, official_ok=False):

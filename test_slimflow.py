@@ -2,9 +2,11 @@
 trips, bad input, and tiny end-to-end runs. `python -m pytest -q` runs them on a CPU."""
 
 import gzip
+import hashlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,11 +15,47 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.integrate
 import torch
+import torch.nn.functional as F
 
 import slimflow as sf
 
 HERE = Path(__file__).parent
+
+# ----------------------------------------------------------------------------- reference facts
+# Facts from outside this repository, kept here in compact form so that the suite reads
+# nothing beside it. Tensor layouts as `name shape` lines (shape as a Python tuple): the
+# official NCSN++ networks' state dicts in their own order (the layout of the published
+# checkpoints, and the order of their EMA's shadow_params), and the FID Inception weights
+# file pt_inception-2015-12-05-6726825d.pth, sorted; each as (entries, SHA-256 of the lines
+# joined by newlines, a few lines spelled out).
+
+OFFICIAL_LAYOUTS = {
+    "rf-61.8m": (565, "d27d4370ab43e4e0587274e33ee229f4c12917b5fd5a071d0e2181f88b499650", [
+        "sigmas (1000,)", "all_modules.0.weight (512, 128)", "all_modules.1.weight (512, 512)",
+        "all_modules.2.weight (128, 3, 3, 3)", "all_modules.3.Conv_0.weight (128, 128, 3, 3)",
+        "all_modules.3.Dense_0.weight (128, 512)", "all_modules.7.Conv_2.weight (128, 128, 1, 1)",
+        "all_modules.8.Conv_2.weight (256, 128, 1, 1)", "all_modules.9.NIN_0.W (256, 256)",
+        "all_modules.29.Conv_2.weight (256, 512, 1, 1)", "all_modules.53.weight (128,)",
+        "all_modules.54.weight (3, 128, 3, 3)"]),
+    "slim-15.7m": (289, "58ce9f96e5e4608dd5dec9d0c84ea82fd1e4caf8d8a7eb1324c3edffd489877c", [
+        "sigmas (1000,)", "all_modules.0.weight (384, 96)", "all_modules.2.weight (96, 3, 3, 3)",
+        "all_modules.3.GroupNorm_0.weight (96,)", "all_modules.7.NIN_0.W (192, 192)",
+        "all_modules.28.weight (96,)", "all_modules.29.weight (3, 96, 3, 3)"]),
+}
+FID_LAYOUT = (566, "760681d791cb624e1bf7a2e802a68933dd17aa5e3109fcf498d9dfa521bc10d7", [
+    "Conv2d_1a_3x3.conv.weight (32, 3, 3, 3)", "Conv2d_1a_3x3.bn.running_var (32,)",
+    "Conv2d_1a_3x3.bn.num_batches_tracked ()", "Mixed_7c.branch_pool.conv.weight (192, 2048, 1, 1)",
+    "fc.weight (1008, 2048)", "fc.bias (1008,)"])
+
+
+def layout_lines(state_dict):
+    return [f"{name} {tuple(tensor.shape)}" for name, tensor in state_dict.items()]
+
+
+def sha256_of_lines(lines):
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- networks
@@ -55,6 +93,107 @@ def test_time_embedding_is_sines_then_cosines_of_999t():
 def test_build_model_rejects_preset_of_the_other_kind():
     with pytest.raises(sf.UsageError, match="does not fit image data"):
         sf.build_model("mlp-96x3", (3, 32, 32))
+
+
+def test_fresh_blocks_compute_exactly_their_rescaled_identity():
+    # zero-initialised output convolutions: a new block adds nothing to its input, (x + 0)/√2
+    torch.manual_seed(0)
+    x, temb = torch.randn(2, 8, 16, 16), torch.randn(2, 32)
+    assert torch.equal(sf.ResBlock(8, 8, 32, dropout=0.0)(x, temb), x / math.sqrt(2))
+    assert torch.equal(sf.Attention(8)(x), x / math.sqrt(2))
+    for resample, resized in [("down", F.avg_pool2d(x, 2)), ("up", F.interpolate(x, scale_factor=2.0))]:
+        block = sf.ResBlock(8, 16, 32, dropout=0.0, resample=resample)  # the skip path: resample, then 1x1 conv
+        skip = F.conv2d(resized, block.shortcut.weight, block.shortcut.bias)
+        torch.testing.assert_close(block(x, temb), skip / math.sqrt(2), rtol=0, atol=1e-6)
+
+
+def official_ncsnpp(W, x, t, nf, ch_mult, num_res_blocks, attn_resolutions=(16,)):
+    """The official NCSN++ forward on the official tensor names W, written here from the
+    RectifiedFlow / SlimFlow code (models/ncsnpp.py, layerspp.py: BigGAN residual blocks
+    without FIR, AttnBlockpp, skip rescale, positional embedding of 999·t), independently of
+    slimflow's UNet: it walks `all_modules.<i>` in order, as the official forward does."""
+    n = 0
+
+    def module():  # the tensors of the next official module, by their names inside it
+        nonlocal n
+        prefix, n = f"all_modules.{n}.", n + 1
+        return {k[len(prefix):]: v for k, v in W.items() if k.startswith(prefix)}
+
+    def group_norm(p, h, name=""):
+        return F.group_norm(h, min(h.shape[1] // 4, 32), p[f"{name}weight"], p[f"{name}bias"], eps=1e-6)
+
+    def conv(p, h, name=""):
+        weight = p[f"{name}weight"]
+        return F.conv2d(h, weight, p[f"{name}bias"], padding=weight.shape[-1] // 2)
+
+    def resnet_block(p, x, up=False, down=False):  # ResnetBlockBigGANpp
+        h = F.silu(group_norm(p, x, "GroupNorm_0."))
+        if up:  # naive_upsample_2d
+            h, x = (y.repeat_interleave(2, 2).repeat_interleave(2, 3) for y in (h, x))
+        if down:  # naive_downsample_2d
+            h, x = (y.unflatten(3, (-1, 2)).unflatten(2, (-1, 2)).mean((3, 5)) for y in (h, x))
+        h = conv(p, h, "Conv_0.") + (F.silu(temb) @ p["Dense_0.weight"].T + p["Dense_0.bias"])[:, :, None, None]
+        h = conv(p, F.silu(group_norm(p, h, "GroupNorm_1.")), "Conv_1.")
+        if "Conv_2.weight" in p:
+            x = conv(p, x, "Conv_2.")
+        return (x + h) / math.sqrt(2)
+
+    def attention(p, x):  # AttnBlockpp; NIN is x·W + b over channels
+        B, C, H, Wd = x.shape
+        h = group_norm(p, x, "GroupNorm_0.")
+        q, k, v = (torch.einsum("bchw,cd->bdhw", h, p[f"NIN_{i}.W"]) + p[f"NIN_{i}.b"][:, None, None] for i in range(3))
+        w = (torch.einsum("bchw,bcij->bhwij", q, k) * C ** -0.5).reshape(B, H, Wd, H * Wd).softmax(-1)
+        h = torch.einsum("bhwij,bcij->bchw", w.reshape(B, H, Wd, H, Wd), v)
+        h = torch.einsum("bchw,cd->bdhw", h, p["NIN_3.W"]) + p["NIN_3.b"][:, None, None]
+        return (x + h) / math.sqrt(2)
+
+    half = nf // 2
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=x.dtype) / (half - 1))
+    emb = 999 * t[:, None] * freqs
+    emb = torch.cat([emb.sin(), emb.cos()], 1)
+    p = module()
+    temb = F.silu(emb @ p["weight"].T + p["bias"])
+    p = module()
+    temb = temb @ p["weight"].T + p["bias"]
+    hs = [conv(module(), x)]
+    for level in range(len(ch_mult)):
+        for _ in range(num_res_blocks):
+            h = resnet_block(module(), hs[-1])
+            if h.shape[-1] in attn_resolutions:
+                h = attention(module(), h)
+            hs.append(h)
+        if level != len(ch_mult) - 1:
+            hs.append(resnet_block(module(), hs[-1], down=True))
+    h = resnet_block(module(), hs[-1])
+    h = attention(module(), h)
+    h = resnet_block(module(), h)
+    for level in reversed(range(len(ch_mult))):
+        for _ in range(num_res_blocks + 1):
+            h = resnet_block(module(), torch.cat([h, hs.pop()], 1))
+        if h.shape[-1] in attn_resolutions:
+            h = attention(module(), h)
+        if level != 0:
+            h = resnet_block(module(), h, up=True)
+    h = F.silu(group_norm(module(), h))
+    h = conv(module(), h)
+    assert not hs and not module(), "official modules left unused"
+    return h
+
+
+@pytest.mark.parametrize("config", [dict(nf=16, ch_mult=(1, 2), num_res_blocks=1),
+                                    dict(nf=16, ch_mult=(1, 2, 2), num_res_blocks=2)])
+def test_unet_computes_the_official_function_from_official_tensors(config, capsys):
+    # every official tensor random and distinct, so a tensor in the wrong place (Conv_0 for
+    # Conv_1, NIN_0 for NIN_1, a missing transpose) or a wrong wiring changes the output
+    net = sf.UNet(**config, dropout=0.0).double().eval()
+    g = torch.Generator().manual_seed(0)
+    W = {k: 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64) + (k.endswith("weight") and v.dim() == 1)
+         for k, v in sf.to_official(net.state_dict()).items()}  # GroupNorm scales near 1
+    net.load_state_dict(sf.from_official(W))
+    x, t = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64), torch.tensor([0.3, 0.8], dtype=torch.float64)
+    expected = official_ncsnpp(W, x, t, **config)
+    assert expected.abs().mean() > 0.1
+    torch.testing.assert_close(net(x, t), expected, rtol=1e-9, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -124,6 +263,76 @@ def test_samplers_pass_time_of_shape_batch():
     assert set(seen) == {(3,)}
 
 
+# Fields that depend on time, so that a sampler that reads v at the wrong time, or starts
+# at 0 instead of eps, lands elsewhere. The grid is t_i = eps + i·h, h = (1 - eps)/n.
+#   dZ/dt = t      exact Z(1) = Z(eps) + (1 - eps²)/2; Euler adds h·Σ t_i; a Heun step
+#                  (t_i + t_i+1)/2·h is exact, the last (Euler) step adds h·t_n-1
+#   dZ/dt = t·Z    exact Z(1) = Z(eps)·exp((1 - eps²)/2); Euler multiplies by Π (1 + h·t_i);
+#                  a Heun step by 1 + h/2·(t_i + t_i+1·(1 + h·t_i))
+
+def time_field(x, t):
+    return t[:, None].to(x.dtype).expand_as(x)
+
+
+def time_times_z_field(x, t):
+    return t[:, None].to(x.dtype) * x
+
+
+def grid(n):
+    h = (1 - sf.EPS) / n
+    return h, [sf.EPS + i * h for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_euler_and_heun_on_fields_that_depend_on_time(n):
+    z = torch.randn(4, 3, dtype=torch.float64)
+    h, ts = grid(n)
+    x, _ = sf.euler_sample(time_field, z, n)
+    torch.testing.assert_close(x, z + h * sum(ts), rtol=0, atol=1e-12)
+    x, _ = sf.euler_sample(time_times_z_field, z, n)
+    torch.testing.assert_close(x, z * math.prod(1 + h * t for t in ts), rtol=0, atol=1e-12)
+    x, _ = sf.heun_sample(time_field, z, n)
+    torch.testing.assert_close(x, z + sum(h * (t + h / 2) for t in ts[:-1]) + h * ts[-1], rtol=0, atol=1e-12)
+    x, _ = sf.heun_sample(time_times_z_field, z, n)
+    factor = math.prod(1 + h / 2 * (t + (t + h) * (1 + h * t)) for t in ts[:-1]) * (1 + h * ts[-1])
+    torch.testing.assert_close(x, z * factor, rtol=0, atol=1e-12)
+
+
+def test_two_euler_steps_of_dz_dt_equal_t_by_hand():
+    # h = 0.4995, t = 0.001 and 0.5005: Z + 0.4995·0.5015 = Z + 0.25049925 (exact: Z + 0.4999995)
+    x, nfe = sf.euler_sample(time_field, torch.zeros(1, 1, dtype=torch.float64), 2)
+    assert nfe == 2 and x.item() == pytest.approx(0.25049925, abs=1e-15)
+
+
+def test_one_step_reads_the_field_at_eps():
+    z = torch.randn(6, 2, dtype=torch.float64)
+    x, nfe = sf.one_step_sample(lambda x, t: time_times_z_field(x, t) + time_field(x, t), z)
+    assert nfe == 1
+    torch.testing.assert_close(x, z + (1 - sf.EPS) * sf.EPS * (z + 1), rtol=0, atol=1e-14)
+
+
+def test_rk45_integrates_from_eps_to_one():
+    z = torch.randn(5, 2, dtype=torch.float64)
+    x, _ = sf.rk45_sample(time_field, z)  # RK45 is exact on a field linear in t
+    torch.testing.assert_close(x, z + (1 - sf.EPS**2) / 2, rtol=0, atol=1e-10)
+    x, _ = sf.rk45_sample(time_times_z_field, z, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(x, z * math.exp((1 - sf.EPS**2) / 2), rtol=0, atol=1e-6)
+
+
+def test_straightness_of_dz_dt_equal_t_is_the_spread_of_the_euler_times():
+    # the Euler path of dZ/dt = t moves at t_i on step i; its chord moves at their mean, so
+    # S = d·Var(t_i) = d·h²·(n² - 1)/12
+    n, z = 100, torch.randn(8, 2, dtype=torch.float64)
+    h = (1 - sf.EPS) / n
+    assert sf.straightness(time_field, z, steps=n) == pytest.approx(2 * h**2 * (n**2 - 1) / 12, rel=1e-9)
+
+
+def test_training_times_are_uniform_on_eps_to_one():
+    t = sf.sample_time(torch.empty(10**6, dtype=torch.float64))
+    assert sf.EPS <= t.min() < sf.EPS + 1e-4 and 1 - 1e-4 < t.max() <= 1
+    assert t.mean().item() == pytest.approx((1 + sf.EPS) / 2, abs=2e-3)
+
+
 # ----------------------------------------------------------------------------- Annealing Reflow
 
 @pytest.mark.parametrize("schedule, at_half, at_end, at_twice", [
@@ -143,6 +352,27 @@ def test_annealing_beta_at_its_endpoints(schedule, at_half, at_end, at_twice):
 def test_cosine_beta_is_monotone():
     betas = [sf.annealing_beta(k, 100, "cosine") for k in range(0, 120, 5)]
     assert all(a >= b for a, b in zip(betas, betas[1:]))
+
+
+@pytest.mark.parametrize("schedule, beta", [("linear", 0.75), ("cosine", (1 + math.cos(math.pi / 4)) / 2),
+                                            ("exponential", math.exp(-0.25))])
+def test_annealing_reflow_blends_the_noise_by_beta_of_the_step(schedule, beta):
+    # Z0 = Z1 = 0 and v = 0: all that is left to regress is the blended noise β·ε, so the
+    # loss is E(β·ε)² = β(k)², here at k = K/4
+    zeros = torch.zeros(200_000, 2, dtype=torch.float64)
+    loss, logs = sf.AnnealingReflowLoss(1000, schedule)(lambda x, t: torch.zeros_like(x), (zeros, zeros), 250)
+    assert logs["beta"] == pytest.approx(beta, abs=1e-12)
+    assert loss.item() == pytest.approx(beta**2, rel=0.02)
+
+
+def test_annealing_reflow_regresses_onto_the_blended_noise():
+    # v(x, t) = (Z1 - x)/(1 - t) is the exact velocity toward Z1 from wherever X_t lies, so the
+    # loss vanishes only if X_t and the target X1 - X0^β use the same blended X0^β
+    torch.manual_seed(0)
+    z0, z1 = torch.randn(256, 2, dtype=torch.float64), torch.randn(256, 2, dtype=torch.float64) + 2
+    toward_z1 = lambda x, t: (z1 - x) / (1 - t[:, None])  # noqa: E731
+    for step in (0, 300, 1000):
+        assert sf.AnnealingReflowLoss(1000)(toward_z1, (z0, z1), step)[0].item() < 1e-12
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.8, 1.0])
@@ -185,6 +415,77 @@ def test_distillation_loss_is_zero_for_a_perfect_generator(form, distance):
     generator = lambda z: z + u(z, None)  # noqa: E731
     loss, logs = loss_fn(generator, (z0, z0 + c), 0)
     assert loss.item() < 1e-12 and set(logs) == {"pair", "reg"}
+
+
+class AffineField(torch.nn.Module):
+    """v(x, t) = b + c·t + k·x in float64, with b a parameter (so gradients can be read)."""
+
+    def __init__(self, b, c=0.0, k=0.0):
+        super().__init__()
+        self.b, self.c, self.k = torch.nn.Parameter(torch.tensor(b, dtype=torch.float64)), c, k
+
+    def forward(self, x, t):
+        return self.b + self.c * t[:, None].double() + self.k * x
+
+
+def uniform_mean(f, lo, hi):
+    """E f(s) for s ~ U(lo, hi), by quadrature."""
+    return scipy.integrate.quad(f, lo, hi)[0] / (hi - lo)
+
+
+def test_the_generator_is_z_plus_u_at_time_eps():
+    z = torch.randn(5, 2, dtype=torch.float64)
+    u = AffineField([0.0, 0.0], c=1000.0)  # u(z, t) = 1000·t: 1 at t = eps, 0 at 0, 1000 at 1
+    torch.testing.assert_close(sf.OneStepGenerator(u)(z), z + 1000 * sf.EPS, rtol=0, atol=1e-6)
+
+
+# Flow-Guided Distillation with a student u and a guide v2 that differ and read their inputs:
+#   u(z, t) = a + 100·t, so G(z) = z + u0 with u0 = a + 0.1;   v2(x, t) = b + c·t + k·x.
+# Pairs Z1 = Z0 + c1 give D(G(Z0), Z1) = mean (u0 - c1)². On fresh z ~ N(0, I), G(z) - target
+# is A(t') + B(t')·z, so the L2 regularizer is E_t'[A² + B²] (per coordinate, averaged):
+#   official  x' = z + t'·u0:       A = (1 - t')(u0 - b - c·t' - k·t'·u0),  B = -(1 - t')·k
+#   paper     x' = z + t'·v2(z, eps): A = u0 - t'(b + c·eps)(1 + (1 - t')k) - (1 - t')(b + c·t'),
+#                                     B = 1 - (1 + t'·k)(1 + (1 - t')·k)
+# The target is under stop-gradient, so the gradient in a is that of D through G alone:
+# 2/d·(mean(u0 - c1) + λ·E[A]) per coordinate, d = 2.
+A_, B_, C_, K_, C1 = [0.3, -0.5], [1.0, 0.4], 2.0, 0.5, [0.7, -0.2]
+
+
+def distillation_terms(form):
+    u0 = [a + 100 * sf.EPS for a in A_]
+
+    def AB(j, t):
+        if form == "official":
+            return (1 - t) * (u0[j] - B_[j] - C_ * t - K_ * t * u0[j]), -(1 - t) * K_
+        return (u0[j] - t * (B_[j] + C_ * sf.EPS) * (1 + (1 - t) * K_) - (1 - t) * (B_[j] + C_ * t),
+                1 - (1 + t * K_) * (1 + (1 - t) * K_))
+    reg = np.mean([uniform_mean(lambda t: AB(j, t)[0] ** 2 + AB(j, t)[1] ** 2, 0.2, 0.8) for j in range(2)])
+    mean_A = [uniform_mean(lambda t: AB(j, t)[0], 0.2, 0.8) for j in range(2)]
+    pair = np.mean([(u0[j] - C1[j]) ** 2 for j in range(2)])
+    return pair, reg, mean_A, [u0[j] - C1[j] for j in range(2)]
+
+
+@pytest.mark.parametrize("form", ["official", "paper"])
+def test_flow_guided_distillation_by_its_closed_form(form):
+    torch.manual_seed(0)
+    u, guide = AffineField(A_, c=100.0), AffineField(B_, c=C_, k=K_)
+    loss_fn = sf.FlowGuidedDistillationLoss(guide, sf.l2_distance, 0.5, form)
+    guide.requires_grad_(True)  # whatever the flag says, no gradient may reach the guide
+    z0 = torch.randn(200_000, 2, dtype=torch.float64)
+    loss, logs = loss_fn(sf.OneStepGenerator(u), (z0, z0 + torch.tensor(C1, dtype=torch.float64)), 0)
+    pair, reg, mean_A, pair_gap = distillation_terms(form)
+    assert logs["pair"].item() == pytest.approx(pair, rel=1e-6)
+    assert logs["reg"].item() == pytest.approx(reg, rel=0.02)
+    assert loss.item() == pytest.approx(logs["pair"].item() + 0.5 * logs["reg"].item(), rel=1e-12)
+    loss.backward()
+    assert guide.b.grad is None
+    expected_grad = [(pair_gap[j] + 0.5 * mean_A[j]) for j in range(2)]  # times 2/d = 1
+    torch.testing.assert_close(u.b.grad, torch.tensor(expected_grad, dtype=torch.float64), rtol=0.02, atol=2e-3)
+
+
+def test_the_two_regularization_targets_differ_here():  # so that the test above tells them apart
+    (_, official, *_), (_, paper, *_) = distillation_terms("official"), distillation_terms("paper")
+    assert abs(official - paper) > 0.2 * max(official, paper)
 
 
 def test_distillation_sends_no_gradient_into_the_frozen_flow():
@@ -298,6 +599,14 @@ def test_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
 
 
+def test_to_unit_range_maps_8_bit_levels_onto_minus_one_to_one():
+    levels = sf.to_unit_range(torch.tensor([0, 51, 255], dtype=torch.uint8))
+    assert levels.dtype == torch.float32
+    torch.testing.assert_close(levels, torch.tensor([-1.0, -0.6, 1.0]), rtol=0, atol=1e-6)
+    x = torch.tensor([0.25, -3.0], dtype=torch.float64)
+    assert torch.equal(sf.to_unit_range(x), x.float())  # float data (points, pairs) pass through
+
+
 def test_processes_draw_slices_of_one_global_batch():
     # two processes with batch 4 see exactly the 8 examples one process with batch 8 sees, flips included
     z = torch.randn(50, 1, 2, 3)
@@ -335,6 +644,12 @@ TINY = ["--steps", "20", "--batch-size", "64", "--teacher-model", "mlp-64x2", "-
 
 def run(tmp_path, *argv):
     return sf.main(["--out", str(tmp_path), *TINY, *argv])
+
+
+@pytest.fixture
+def teacher_run(tmp_path):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    return tmp_path, (tmp_path / "teacher.pt").read_bytes()
 
 
 def train_toy_teacher(args, objective, data):
@@ -400,6 +715,46 @@ def test_a_checkpoint_without_the_data_stream_is_not_resumed(teacher_run, capsys
     assert (out / "teacher.pt").read_bytes() == before
 
 
+class Weights(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+
+def adam_reference(w, gradients, lrs, clip):
+    """Adam (β = 0.9, 0.999, eps 1e-8, no weight decay) with gradients clipped to norm `clip`,
+    from its equations, in float64: the weights after each step."""
+    w, m, v, out = np.array(w), 0.0, 0.0, []
+    for k, (g, lr) in enumerate(zip(gradients, lrs), 1):
+        g = np.array(g) * min(1.0, clip / (np.linalg.norm(g) + 1e-6))
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+        w = w - lr * (m / (1 - 0.9**k)) / (np.sqrt(v / (1 - 0.999**k)) + 1e-8)
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("ema_decay", [0.2, 0.999])
+def test_two_training_steps_by_value(tmp_path, ema_decay):
+    # loss = w·g_k at step k, so the gradient is g_k: (3, 4) is clipped to norm 1, (0.3, -0.4)
+    # is not. lr 0.1 warms up over 4 steps (0.025, 0.05); the EMA decays by
+    # min(ema_decay, (1 + n)/(10 + n)) at update n: 2/11, then 0.2 or 3/12
+    gradients = [[3.0, 4.0], [0.3, -0.4]]
+    args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher", "--steps", "2", "--lr", "0.1",
+                          "--warmup", "4", "--grad-clip", "1", "--ema-decay", str(ema_decay)])
+    objective = lambda net, batch, step: ((net.w * torch.tensor(gradients[step])).sum(), {})  # noqa: E731
+    meta = dict(stage="teacher", dataset="8gaussians", model_name="weights", data_shape=[2])
+    sf.train(Weights(), objective, sf.TrainingData(torch.zeros(4, 2)), args, tmp_path / "teacher.pt", meta)
+    w1, w2 = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=1.0)
+    d1, d2 = min(ema_decay, 2 / 11), min(ema_decay, 3 / 12)
+    ema = d2 * (d1 * np.array([1.0, -2.0]) + (1 - d1) * w1) + (1 - d2) * w2
+    ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
+    assert ckpt["step"] == 2
+    np.testing.assert_allclose(ckpt["model"]["w"].numpy(), w2, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ckpt["ema"]["w"].numpy(), ema, rtol=0, atol=1e-6)
+    unclipped = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=np.inf)[1]
+    assert np.abs(unclipped - w2).min() > 1e-3  # clipping shows in the second step
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher", "--ckpt-every", "5"])
     with pytest.raises(sf.TrainingError, match=r"loss is not finite from step 7 on; stopped at step 10.*step 5\)"):
@@ -407,6 +762,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "teacher.pt.tmp").exists()
+
+
+def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(teacher_run, monkeypatch):
+    out, before = teacher_run
+
+    def disk_full(obj, f, *args, **kwargs):  # writes part of the file, then fails
+        Path(f).write_bytes(before[:len(before) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(out, "--stage", "teacher", "--resume", "--steps", "30")
+    assert (out / "teacher.pt").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["teacher.pt"]  # no partial file left
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -437,12 +805,6 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, pattern):
 def test_a_stage_without_its_input_names_the_command_that_makes_it(tmp_path, capsys):
     assert run(tmp_path, "--stage", "pairs") == 2
     assert_one_line_error(capsys, f"make it with: python slimflow.py --dataset 8gaussians --out {tmp_path} --stage teacher")
-
-
-@pytest.fixture
-def teacher_run(tmp_path):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    return tmp_path, (tmp_path / "teacher.pt").read_bytes()
 
 
 def test_finished_work_is_not_overwritten_without_asking(teacher_run, capsys):
@@ -507,6 +869,42 @@ def test_all_stages_on_a_2d_toy(tmp_path, capsys):
     assert "NFE 2" in capsys.readouterr().out
 
 
+def test_the_default_run_s_generator_beats_one_euler_step_of_its_guide(tmp_path):
+    # `python slimflow.py` with a tenth of its steps: the one-step generator is much closer to
+    # the data than one Euler step of the 2-rectified flow that guides it (0.59x here; 0.68x in
+    # the full default run) and than one Euler step of the teacher (0.28x)
+    assert sf.main(["--out", str(tmp_path), "--steps", "300", "--num-samples", "2000"]) == 0
+    sw2 = {row["model"]: row["sw2"] for row in json.loads((tmp_path / "results.json").read_text())}
+    generator = sw2["SlimFlow one-step generator"]
+    assert generator < 0.8 * sw2["2-rectified flow (one Euler step)"]
+    assert generator < 0.5 * sw2["teacher, 1-RF (one Euler step)"]
+
+
+def last_log(out, stage):
+    """{name: value} of the last training log line of `stage` in printed output."""
+    line = [line for line in out.splitlines() if line.startswith(f"[{stage}] step ")][-1]
+    return {k: float(v) for k, v in re.findall(r"([a-z]+) (-?\d+\.\d+)(?= |$)", line)}
+
+
+def test_distill_stage_weighs_the_regularizer_by_reg_weight(tmp_path, capsys):
+    # The student starts as the 2-rectified flow, so the regularizer starts near 0 and its printed value
+    # says little; what --reg-weight and --target-form change is the trained student.
+    for stage in ("teacher", "pairs", "reflow"):
+        assert run(tmp_path, "--stage", stage) == 0
+    students = {}
+    for weight, form in (("0", "official"), ("0.5", "official"), ("0.5", "paper")):
+        capsys.readouterr()
+        assert run(tmp_path, "--stage", "distill", "--reg-weight", weight, "--target-form", form, "--overwrite") == 0
+        log = last_log(capsys.readouterr().out, "distill")
+        if weight == "0":
+            assert "reg" not in log and log["loss"] == log["pair"]
+        else:
+            assert "reg" in log and log["loss"] >= log["pair"]
+        students[weight, form] = sf.read_checkpoint(tmp_path / "distill.pt")["model"]
+    for a, b in [(("0", "official"), ("0.5", "official")), (("0.5", "official"), ("0.5", "paper"))]:
+        assert any(not torch.equal(students[a][k], students[b][k]) for k in students[a]), (a, b)
+
+
 def test_all_stages_on_shapes_images(tmp_path, capsys):
     argv = ["--dataset", "shapes", "--max-images", "64", "--teacher-model", "unet-micro", "--model", "unet-micro",
             "--steps", "3", "--batch-size", "4", "--num-pairs", "8", "--pairs-batch", "8", "--num-samples", "4",
@@ -523,29 +921,19 @@ def test_all_stages_on_shapes_images(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- official checkpoints
 
-def reference_layouts():
-    """{preset: {official name: shape}} from the official networks' tensor listing."""
-    text = (HERE.parent / "shared" / "reference" / "ncsnpp_state_dict.txt").read_text()
-    layouts = {}
-    for block, name in zip(text.split("# config")[1:], ["rf-61.8m", "slim-15.7m"]):
-        lines = [line.split(" ", 1) for line in block.strip().splitlines()[1:]]
-        layouts[name] = {k: tuple(int(d) for d in v.strip("()").split(",") if d.strip()) for k, v in lines}
-    return layouts
-
-
-@pytest.mark.skipif(not (HERE.parent / "shared" / "reference").exists(), reason="needs ../shared/reference")
-@pytest.mark.parametrize("preset", ["rf-61.8m", "slim-15.7m"])
+@pytest.mark.parametrize("preset", OFFICIAL_LAYOUTS)
 def test_every_official_tensor_maps_to_exactly_one_of_ours_and_back(preset, capsys):
-    official = {k: torch.empty(shape, device="meta") for k, shape in reference_layouts()[preset].items()}
+    entries, sha256, spelled_out = OFFICIAL_LAYOUTS[preset]
     with torch.device("meta"):
         ours = sf.UNet(**sf.PRESETS[preset]).state_dict()
+    official = {"sigmas": torch.empty(1000, device="meta"), **sf.to_official(ours)}
+    lines = layout_lines(official)  # names, shapes and order of the official network's state dict
+    assert len(lines) == entries and set(spelled_out) <= set(lines)
+    assert sha256_of_lines(lines) == sha256
     converted = sf.from_official(official)
     assert "ignored: sigmas" in capsys.readouterr().out
     assert converted.keys() == ours.keys()  # one to one: no tensor lost, none invented
     assert all(converted[k].shape == ours[k].shape for k in ours)
-    back = sf.to_official(ours)
-    assert back.keys() == official.keys() - {"sigmas"}
-    assert all(back[k].shape == official[k].shape for k in back)
 
 
 def official_file(net, path, ema_scale=None, drop=None, reshape=None):
@@ -659,16 +1047,10 @@ def test_frechet_distance_refuses_a_complex_square_root():
         sf.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
 
 
-def fid_reference_layout():
-    text = (HERE.parent / "shared" / "reference" / "fid_inception_state_dict.txt").read_text()
-    return {line.split()[0]: tuple(int(d) for d in line.split(" ", 1)[1].strip("()").split(",") if d.strip())
-            for line in text.splitlines() if line.strip() and not line.startswith("#")}
-
-
 def random_fid_weights():
     """A state dict laid out exactly as the published file (no num_batches_tracked)."""
     g = torch.Generator().manual_seed(0)
-    state = {k: 0.05 * torch.randn(shape, generator=g) for k, shape in fid_reference_layout().items()
+    state = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in sf.fid_inception().state_dict().items()
              if not k.endswith("num_batches_tracked")}
     for k in state:  # plausible BatchNorm statistics keep activations finite
         if k.endswith(("running_var", "bn.weight")):
@@ -682,8 +1064,19 @@ def fid_net():
 
 
 def test_fid_network_has_the_reference_layout():
-    state = sf.fid_inception().state_dict()
-    assert {k: tuple(v.shape) for k, v in state.items()} == fid_reference_layout()
+    entries, sha256, spelled_out = FID_LAYOUT
+    lines = sorted(layout_lines(sf.fid_inception().state_dict()))
+    assert len(lines) == entries and set(spelled_out) <= set(lines)
+    assert sha256_of_lines(lines) == sha256
+
+
+def test_fid_network_sees_299_by_299_rgb_images(fid_net):
+    seen = []
+    hook = fid_net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        fid_net(torch.zeros(2, 1, 32, 32))
+    hook.remove()
+    assert seen == [(2, 3, 299, 299)]
 
 
 def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
@@ -807,6 +1200,78 @@ def test_traflow_losses_are_zero_for_a_student_of_an_exactly_straight_teacher(ph
     assert logs and all(v < 1e-12 for v in logs.values()) and loss.item() < 1e-12
     expected = {"out", "vel", "cons"} if phases == 0 else {"cons"} if step < phases else {"out", "vel"}
     assert set(logs) == expected
+
+
+class TwoTimeField(torch.nn.Module):
+    """G(x, t, s) = alpha + kappa·s in float64, alpha a parameter: g(x, t, s) = x + (s - t)·G."""
+
+    def __init__(self, alpha, kappa):
+        super().__init__()
+        self.alpha, self.kappa = torch.nn.Parameter(torch.tensor(alpha, dtype=torch.float64)), kappa
+
+    def forward(self, x, t, s):
+        return self.alpha + self.kappa * s[:, None] + 0 * x
+
+
+def traflow_mean(f):
+    """E f(t, u) for t ~ U(eps, 1) and u = t + (1 - t)·r, r ~ U(0, 1), by quadrature."""
+    return scipy.integrate.dblquad(lambda r, t: f(t, t + (1 - t) * r), sf.EPS, 1, 0, 1)[0] / (1 - sf.EPS)
+
+
+# TraFlow with a student G = alpha + kappa·s, a teacher v(x, t) = beta + mu·x and an EMA copy
+# G' = gamma + kappa'·s, all different, on pairs Z0 = Z1 = 0 (so x_t = 0). Per coordinate:
+#   output       g(0, eps, 1) = (1 - eps)(alpha + kappa): RMSE over coordinates, mean over pairs
+#   velocity     ∂g/∂s = alpha + kappa(2s - t) against v(g, s) = beta + mu(s - t)(alpha + kappa·s)
+#   consistency  g(x_t, t, 1) - g*(x_u, u, 1), with x_u = g(x_t, t, u) (student) or
+#                x_t + (u - t)·v(x_t, t) (teacher), and g* the student under stop-gradient or G'
+ALPHA, KAPPA, BETA, MU, GAMMA, KAPPA_EMA = [0.6, -0.3], 0.8, [-0.4, 0.9], 0.7, [0.2, 0.5], -0.6
+
+
+def consistency_gap(midpoint, target, j, t, u):
+    x_u = (u - t) * (ALPHA[j] + KAPPA * u) if midpoint == "student" else (u - t) * BETA[j]
+    g_target = (ALPHA[j] + KAPPA) if target == "stopgrad" else (GAMMA[j] + KAPPA_EMA)
+    return (1 - t) * (ALPHA[j] + KAPPA) - x_u - (1 - u) * g_target
+
+
+@pytest.mark.parametrize("midpoint, target", [("teacher", "stopgrad"), ("student", "stopgrad"),
+                                              ("student", "ema"), ("teacher", "ema")])
+def test_traflow_consistency_by_its_closed_form(midpoint, target):
+    torch.manual_seed(0)
+    student = TwoTimeField(ALPHA, KAPPA)
+    loss_fn = sf.TraFlowLoss(AffineField(BETA, k=MU), phase_steps=1, midpoint=midpoint, target=target)
+    loss_fn.ema = TwoTimeField(GAMMA, KAPPA_EMA)  # train() hands its EMA network to a loss that wants it
+    zeros = torch.zeros(200_000, 2, dtype=torch.float64)
+    loss, logs = loss_fn(student, (zeros, zeros), 0)  # step 0 < phase_steps: consistency alone
+    expected = np.mean([traflow_mean(lambda t, u: consistency_gap(midpoint, target, j, t, u) ** 2) for j in range(2)])
+    assert set(logs) == {"cons"} and loss.item() == pytest.approx(expected, rel=0.03)
+    loss.backward()  # the target is under stop-gradient: only g(x_t, t, 1) = x_t + (1 - t)·G carries one
+    grad = [traflow_mean(lambda t, u: consistency_gap(midpoint, target, j, t, u) * (1 - t)) for j in range(2)]
+    torch.testing.assert_close(student.alpha.grad, torch.tensor(grad, dtype=torch.float64), rtol=0.03, atol=2e-3)
+
+
+def test_traflow_output_and_velocity_by_their_closed_form():
+    torch.manual_seed(0)
+    loss_fn = sf.TraFlowLoss(AffineField(BETA, k=MU), phase_steps=1)
+    zeros = torch.zeros(200_000, 2, dtype=torch.float64)
+    loss, logs = loss_fn(TwoTimeField(ALPHA, KAPPA), (zeros, zeros), 1)  # step 1: output and velocity
+    out = math.sqrt(np.mean([((1 - sf.EPS) * (a + KAPPA)) ** 2 for a in ALPHA]))
+    vel = np.mean([traflow_mean(lambda t, s: (ALPHA[j] + KAPPA * (2 * s - t) - BETA[j]
+                                              - MU * (s - t) * (ALPHA[j] + KAPPA * s)) ** 2) for j in range(2)])
+    assert set(logs) == {"out", "vel"}
+    assert logs["out"].item() == pytest.approx(out, rel=1e-9)
+    assert logs["vel"].item() == pytest.approx(vel, rel=0.03)
+
+
+def test_traflow_sampling_walks_the_uniform_grid():
+    # G(x, t, s) = x·s: each jump multiplies by 1 + (s - t)·s, so the grid and the order of
+    # (t, s) show in the product
+    z = torch.randn(4, 2, dtype=torch.float64)
+    for steps in (1, 2, 3):
+        times = [sf.EPS + (1 - sf.EPS) * i / steps for i in range(steps + 1)]
+        x, nfe = sf.traflow_sample(lambda x, t, s: x * s[:, None], z, steps)
+        factor = math.prod(1 + (s - t) * s for t, s in zip(times[:-1], times[1:]))
+        assert nfe == steps
+        torch.testing.assert_close(x, z * factor, rtol=0, atol=1e-12)
 
 
 def test_traflow_output_term_is_a_mean_over_pairs():  # so that N processes take the global batch's step
