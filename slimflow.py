@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -263,7 +264,6 @@ def conv(ch_in, ch_out, kernel=3, zero=False, scale=1.0):
 
 class ResBlock(nn.Module):
     """BigGAN-type residual block: time-conditioned, optionally resampling 2x up or down."""
-    skip = None  # the U-Net's bookkeeping: "push" output to the skip list, "pop" one before
 
     def __init__(self, ch_in, ch_out, temb_ch, dropout, resample=None):
         super().__init__()
@@ -290,7 +290,6 @@ class ResBlock(nn.Module):
 
 class Attention(nn.Module):
     """Self-attention over all positions, single head; the residual is rescaled by 1/√2."""
-    skip = None
 
     def __init__(self, ch):
         super().__init__()
@@ -312,9 +311,8 @@ class UNet(nn.Module):
 
     Level i has nf·ch_mult[i] channels; attention runs at the resolutions in
     attn_resolutions. All blocks sit in one list, in the order of the official
-    `all_modules` list (time MLP, input conv, blocks, output norm and conv), and each
-    block says what it does with the skip connections: the down path pushes outputs,
-    the up path pops them and concatenates them to its input."""
+    `all_modules` list (time MLP, input conv, blocks, output norm and conv); the down
+    path saves outputs as skip connections, the up path concatenates them to its input."""
 
     def __init__(self, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
                  dropout=0.15, image_size=32, in_ch=3, two_times=False):
@@ -326,37 +324,39 @@ class UNet(nn.Module):
         # TraFlow's second time s (§9): embedded like t, added to t's embedding
         self.s_mlp = copy.deepcopy(self.time_mlp) if two_times else None
         self.input_conv = conv(in_ch, nf)
-        self.blocks = nn.ModuleList()
-
-        def add(block, skip=None):
-            block.skip = skip
-            self.blocks.append(block)
-
+        # skips[i] says what block i does with the skip connections: "push" saves its output,
+        # "pop" concatenates the last saved one to its input, None neither
+        blocks, skips = [], []
         skip_chs, ch, res = [nf], nf, image_size  # the input conv's output is the first skip
         for level, mult in enumerate(ch_mult):  # down path
             for _ in range(num_res_blocks):
-                add(ResBlock(ch, nf * mult, temb_ch, dropout))
+                group = [ResBlock(ch, nf * mult, temb_ch, dropout)]
                 ch = nf * mult
                 if res in attn_resolutions:
-                    add(Attention(ch))
-                self.blocks[-1].skip = "push"
+                    group.append(Attention(ch))
+                blocks += group
+                skips += [None] * (len(group) - 1) + ["push"]  # the group's last output is saved
                 skip_chs.append(ch)
             if level != len(ch_mult) - 1:
-                add(ResBlock(ch, ch, temb_ch, dropout, resample="down"), "push")
+                blocks.append(ResBlock(ch, ch, temb_ch, dropout, resample="down"))
+                skips.append("push")
                 skip_chs.append(ch)
                 res //= 2
-        add(ResBlock(ch, ch, temb_ch, dropout))  # middle
-        add(Attention(ch))
-        add(ResBlock(ch, ch, temb_ch, dropout))
+        blocks += [ResBlock(ch, ch, temb_ch, dropout), Attention(ch), ResBlock(ch, ch, temb_ch, dropout)]  # middle
+        skips += [None, None, None]
         for level, mult in reversed(list(enumerate(ch_mult))):  # up path
             for _ in range(num_res_blocks + 1):
-                add(ResBlock(ch + skip_chs.pop(), nf * mult, temb_ch, dropout), "pop")
+                blocks.append(ResBlock(ch + skip_chs.pop(), nf * mult, temb_ch, dropout))
+                skips.append("pop")
                 ch = nf * mult
             if res in attn_resolutions:
-                add(Attention(ch))
+                blocks.append(Attention(ch))
+                skips.append(None)
             if level != 0:
-                add(ResBlock(ch, ch, temb_ch, dropout, resample="up"))
+                blocks.append(ResBlock(ch, ch, temb_ch, dropout, resample="up"))
+                skips.append(None)
                 res *= 2
+        self.blocks, self.skips = nn.ModuleList(blocks), tuple(skips)
         self.out_norm, self.out_conv = group_norm(ch), conv(ch, in_ch, zero=True)
 
     def forward(self, x, t, s=None):
@@ -365,11 +365,11 @@ class UNet(nn.Module):
             temb = temb + self.s_mlp(time_embedding(s, self.nf))
         h = self.input_conv(x)
         skips = [h]
-        for block in self.blocks:
-            if block.skip == "pop":
+        for block, skip in zip(self.blocks, self.skips):
+            if skip == "pop":
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, temb)
-            if block.skip == "push":
+            if skip == "push":
                 skips.append(h)
         return self.out_conv(F.silu(self.out_norm(h)))
 
@@ -618,18 +618,18 @@ class RectifiedFlowLoss:
         return velocity_loss(net, torch.randn_like(x1), x1), {}
 
 
-def annealing_beta(step, warmup, schedule="linear"):
-    """β(k): 1 at k = 0 (independent noise), falling to 0 (pure reflow) over K = warmup
-    steps. warmup = 0 is plain reflow from the first step."""
-    if warmup <= 0:
+def annealing_beta(k, K, schedule="linear"):
+    """β(k): 1 at step k = 0 (independent noise), falling to 0 (pure reflow) over K steps.
+    K = 0 is plain reflow from the first step."""
+    if K <= 0:
         return 0.0
-    r = min(1.0, step / warmup)
+    r = min(1.0, k / K)
     if schedule == "linear":
         return 1.0 - r
     if schedule == "cosine":
         return (1.0 + math.cos(math.pi * r)) / 2
     if schedule == "exponential":
-        return math.exp(-step / warmup)
+        return math.exp(-k / K)
     raise UsageError(f"unknown beta schedule {schedule!r}; choose linear, cosine or exponential")
 
 
@@ -642,12 +642,12 @@ class AnnealingReflowLoss:
     """Reflow on (Z0, Z1) whose noise side is blended with fresh noise by β(k): the small
     student first learns the data from scratch, then gradually the teacher's coupling."""
 
-    def __init__(self, warmup, schedule="linear"):
-        self.warmup, self.schedule = warmup, schedule
+    def __init__(self, K, schedule="linear"):
+        self.K, self.schedule = K, schedule
 
     def __call__(self, net, pair, step):
         z0, z1 = pair
-        beta = annealing_beta(step, self.warmup, self.schedule)
+        beta = annealing_beta(step, self.K, self.schedule)
         return velocity_loss(net, mix_noise(z0, beta), z1), {"beta": beta}
 
 
@@ -1065,7 +1065,7 @@ def update_ema(ema, net, decay):
 # gradients during backward, so N processes take the step that one process would take on
 # the whole global batch. Rank 0 alone prints, writes checkpoints and previews.
 
-def start_processes(args):
+def start_processes(device):
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1):
     NCCL between the processes' GPUs (cuda:LOCAL_RANK, see resolve_device), or gloo on
     CPUs. Only rank 0 prints.
@@ -1076,10 +1076,10 @@ def start_processes(args):
     releasing a tensor at exit would abort the interpreter."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return
-    cuda = torch.device(args.device).type == "cuda"
+    cuda = torch.device(device).type == "cuda"
     if cuda:
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(args.device) if cuda else None)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")  # errors still reach stderr from every process
 
@@ -1128,50 +1128,40 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def bf16_autocast(args):
-    """bf16 autocast of forward and backward passes with --precision bf16, else a no-op."""
-    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
-                          enabled=getattr(args, "precision", "fp32") == "bf16")
+def bf16_autocast(device, precision):
+    """bf16 autocast of forward and backward passes when precision is "bf16", else a no-op."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def train(net, objective, data, args, ckpt_path, meta, preview=None):
-    """Optimise net on objective(net, batch, step) for args.steps steps, batch = this
-    process's share of a global batch of args.batch_size per process, and return the EMA
-    network. meta (stage, dataset, model_name, data_shape) is stored with every
-    checkpoint; with args.resume an existing checkpoint is continued exactly."""
+def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay=0.0, grad_clip=1.0,
+          ema_decay=0.999, seed=0, device="cpu", precision="fp32", compile=False, checkpoint=None, meta=None,
+          resume=False, log_every=100, ckpt_every=1000, preview=None, preview_every=0):
+    """Minimise objective(model, batch, step) for `steps` AdamW steps and return the EMA of
+    net's weights. batch = data.sample(batch_size): each process's share of the global batch.
+    The learning rate warms up linearly over lr_warmup steps, gradients are clipped to norm
+    grad_clip (0: off), and the EMA decays by min(ema_decay, (1 + n)/(10 + n)) at update n.
+    With a `checkpoint` path, everything needed to continue bit for bit is written there every
+    ckpt_every steps (with meta: stage, dataset, model_name, data_shape), and resume=True
+    continues it. preview(ema, step) runs every preview_every steps."""
+    training = {k: v for k, v in locals().items() if isinstance(v, (bool, int, float, str))}  # kept in checkpoints
+    meta = meta or {"stage": "train"}
     rank, processes = world()
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     step, saved_step = 0, None
-    torch.manual_seed(args.seed + rank)  # each process its own noise; batches come from data's shared stream
-    if args.resume and Path(ckpt_path).exists():
-        ckpt = read_checkpoint(ckpt_path)
-        check_compatible(ckpt, ckpt_path, meta["dataset"], meta["model_name"])
-        net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if "data" not in ckpt["rng"]:
-            raise UsageError(f"{ckpt_path} was written by an older slimflow and cannot be continued exactly; "
-                             f"pass --overwrite to start over")
-        data.generator.set_state(ckpt["rng"]["data"])
-        step = saved_step = ckpt["step"]
-        if len(ckpt["rng"]["processes"]) == processes:
-            set_rng_state(ckpt["rng"]["processes"][rank])
-        else:  # the data stream continues (in global batches of another size); the noise cannot
-            torch.manual_seed(args.seed + rank + processes * step)
-            print(f"[{meta['stage']}] the checkpoint was written by {len(ckpt['rng']['processes'])} "
-                  f"processes, this run has {processes}: the noise streams restart")
-        print(f"[{meta['stage']}] resumed from {ckpt_path} at step {step}")
+    torch.manual_seed(seed + rank)  # each process its own noise; batches come from data's shared stream
+    if resume and checkpoint and Path(checkpoint).exists():
+        step = saved_step = resume_training(checkpoint, meta, net, ema, opt, data, seed)
 
     def save():
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise TrainingError(f"[{meta['stage']}] weights are not finite at step {step}; "
-                                f"last good checkpoint: {ckpt_path} (step {saved_step})")
+                                f"last good checkpoint: {checkpoint} (step {saved_step})")
         rng = {"data": data.generator.get_state(), "processes": gather(rng_state())}
-        if rank == 0:
+        if rank == 0 and checkpoint:
             save_atomic({"format": "slimflow", **meta, "step": step, "model": net.state_dict(),
                          "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
-                         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}},
-                        ckpt_path)
+                         "training": training}, checkpoint)
 
     if getattr(objective, "wants_ema", False):
         objective.ema = ema  # e.g. TraFlow's consistency target
@@ -1179,40 +1169,40 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
     # on net itself in float32, and bf16 autocast runs only the forward and backward passes
     model = net
     if processes > 1:  # DDP broadcasts rank 0's weights now and averages gradients in backward
-        cuda = torch.device(args.device).type == "cuda"
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[args.device] if cuda else None)
-    if getattr(args, "compile", False):
+        cuda = torch.device(device).type == "cuda"
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
+    if compile:
         model = torch.compile(model)
     net.train()
     tic, tic_step = time.time(), step
     # the first step with a non-finite loss, recorded on the device: checking it on the host
     # at every step would make every step wait for the GPU, so it is read before each log,
     # checkpoint or preview, and a NaN never reaches a checkpoint
-    bad_step = torch.tensor(args.steps, device=args.device)  # args.steps: none
-    while step < args.steps:
+    bad_step = torch.tensor(steps, device=device)  # `steps`: none
+    while step < steps:
         for group in opt.param_groups:  # linear warm-up of the learning rate
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        with bf16_autocast(args):
-            loss, logs = objective(model, data.sample(args.batch_size, rank, processes), step)
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, lr_warmup))
+        with bf16_autocast(device, precision):
+            loss, logs = objective(model, data.sample(batch_size, rank, processes), step)
         bad_step = torch.where(torch.isfinite(loss.detach()), bad_step, bad_step.clamp(max=step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if args.grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         opt.step()
         step += 1
-        update_ema(ema, net, min(args.ema_decay, (1 + step) / (10 + step)))  # short runs: warm EMA
+        update_ema(ema, net, min(ema_decay, (1 + step) / (10 + step)))  # short runs: warm EMA
 
-        log = step % args.log_every == 0 or step == args.steps
-        ckpt = step % args.ckpt_every == 0 or step == args.steps
-        show = preview is not None and args.preview_every and step % args.preview_every == 0
-        if (log or ckpt or show) and first_bad_step(bad_step) < args.steps:
+        log = step % log_every == 0 or step == steps
+        ckpt = step % ckpt_every == 0 or step == steps
+        show = preview is not None and preview_every and step % preview_every == 0
+        if (log or ckpt or show) and first_bad_step(bad_step) < steps:
             raise TrainingError(f"[{meta['stage']}] loss is not finite from step {int(bad_step)} on; stopped at "
-                                f"step {step}. Last good checkpoint: {ckpt_path} (step {saved_step})")
+                                f"step {step}. Last good checkpoint: {checkpoint} (step {saved_step})")
         if log:
             rate = (step - tic_step) / (time.time() - tic)
             extra = "".join(f"  {k} {v:.4f}" for k, v in logs.items())
-            print(f"[{meta['stage']}] step {step}/{args.steps}  loss {loss.item():.4f}{extra}  {rate:.1f} it/s",
+            print(f"[{meta['stage']}] step {step}/{steps}  loss {loss.item():.4f}{extra}  {rate:.1f} it/s",
                   flush=True)
         if ckpt:
             save()
@@ -1221,6 +1211,29 @@ def train(net, objective, data, args, ckpt_path, meta, preview=None):
             preview(ema, step)
     barrier()  # the next stage, in any process, reads the final checkpoint
     return ema
+
+
+def resume_training(checkpoint, meta, net, ema, opt, data, seed):
+    """Load a training checkpoint into net, ema, opt and the data's and processes' random
+    states; returns its step."""
+    rank, processes = world()
+    ckpt = read_checkpoint(checkpoint)
+    check_compatible(ckpt, checkpoint, meta.get("dataset"), meta.get("model_name"))
+    net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if "data" not in ckpt["rng"]:
+        raise UsageError(f"{checkpoint} was written by an older slimflow and cannot be continued exactly; "
+                         f"pass --overwrite to start over")
+    data.generator.set_state(ckpt["rng"]["data"])
+    step = ckpt["step"]
+    if len(ckpt["rng"]["processes"]) == processes:
+        set_rng_state(ckpt["rng"]["processes"][rank])
+    else:  # the data stream continues (in global batches of another size); the noise cannot
+        torch.manual_seed(seed + rank + processes * step)
+        print(f"[{meta['stage']}] the checkpoint was written by {len(ckpt['rng']['processes'])} "
+              f"processes, this run has {processes}: the noise streams restart")
+    print(f"[{meta['stage']}] resumed from {checkpoint} at step {step}")
+    return step
 
 
 # -----------------------------------------------------------------------------
@@ -1234,27 +1247,27 @@ FLOW_STAGES = ("teacher", "reflow", "distill")
 SAMPLE_SOURCES = FLOW_STAGES + ("traflow",)
 
 
-def is_toy(args):
-    return args.dataset in TOY_DATASETS
+def is_toy(cfg):
+    return cfg.dataset in TOY_DATASETS
 
 
-def out_path(args, stage):
-    return Path(args.out) / STAGE_FILES[stage]
+def out_path(cfg, stage):
+    return Path(cfg.out) / STAGE_FILES[stage]
 
 
-def make_command(args, stage):
-    return f"--dataset {args.dataset} --out {args.out} --stage {stage}"
+def make_command(cfg, stage):
+    return f"--dataset {cfg.dataset} --out {cfg.out} --stage {stage}"
 
 
-def refuse_overwrite(args, path):
+def refuse_overwrite(cfg, path):
     """Never destroy work: a finished stage is continued with --resume or redone with --overwrite."""
-    if Path(path).exists() and not (args.resume or args.overwrite):
+    if Path(path).exists() and not (cfg.resume or cfg.overwrite):
         raise UsageError(f"{path} exists; pass --resume to continue it or --overwrite to start over")
 
 
-def data_shape(args):
-    return (2,) if is_toy(args) else (1 if args.dataset in ("mnist", "fashion_mnist") else 3,
-                                      args.image_size, args.image_size)
+def data_shape(cfg):
+    return (2,) if is_toy(cfg) else (1 if cfg.dataset in ("mnist", "fashion_mnist") else 3,
+                                      cfg.image_size, cfg.image_size)
 
 
 # Fixed noise has one stream per use, seed + offset, away from the training noise of process
@@ -1264,48 +1277,48 @@ NOISE_STREAMS = {"pairs": 10**6, "samples": 10**6 + 1, "report": 10**6 + 2, "tra
                  "eval": 10**6 + 4}
 
 
-def fixed_noise(args, n, stream):
+def fixed_noise(cfg, n, stream):
     """n draws of X0 ~ N(0, I) in the data's shape, on the host: the same in every run and
     every process with this --seed."""
-    generator = torch.Generator().manual_seed(args.seed + NOISE_STREAMS[stream])
-    return torch.randn(n, *data_shape(args), generator=generator)
+    generator = torch.Generator().manual_seed(cfg.seed + NOISE_STREAMS[stream])
+    return torch.randn(n, *data_shape(cfg), generator=generator)
 
 
-def training_data(args):
-    if is_toy(args):  # a large fixed pool of points stands in for the distribution
-        return TrainingData(toy_data(args.dataset, 100_000, args.seed), device=args.device, seed=args.seed)
+def training_data(cfg):
+    if is_toy(cfg):  # a large fixed pool of points stands in for the distribution
+        return TrainingData(toy_data(cfg.dataset, 100_000, cfg.seed), device=cfg.device, seed=cfg.seed)
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0  # under torchrun, one process per machine downloads
     if not first:
         barrier()
-    x = image_dataset(args.dataset, args.data_dir, args.image_size, args.max_images, args.seed)
+    x = image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_images, cfg.seed)
     if first:
         barrier()
-    print(f"[data] {args.dataset}: {len(x)} images of shape {tuple(x.shape[1:])}")
-    return TrainingData(x, flip=args.flip, device=args.device, seed=args.seed)
+    print(f"[data] {cfg.dataset}: {len(x)} images of shape {tuple(x.shape[1:])}")
+    return TrainingData(x, flip=cfg.flip, device=cfg.device, seed=cfg.seed)
 
 
-def load_pairs(args):
-    path = out_path(args, "pairs")
-    pairs = read_checkpoint(path, made_by=make_command(args, "pairs"))
-    check_compatible(pairs, path, args.dataset)
-    return TrainingData(pairs["z0"], pairs["z1"], flip=args.flip and not is_toy(args), device=args.device,
-                        seed=args.seed)
+def load_pairs(cfg):
+    path = out_path(cfg, "pairs")
+    pairs = read_checkpoint(path, made_by=make_command(cfg, "pairs"))
+    check_compatible(pairs, path, cfg.dataset)
+    return TrainingData(pairs["z0"], pairs["z1"], flip=cfg.flip and not is_toy(cfg), device=cfg.device,
+                        seed=cfg.seed)
 
 
-def load_stage_network(args, stage):
+def load_stage_network(cfg, stage):
     """A stage's EMA network: from --teacher-ckpt (teacher) or --init-ckpt (the
     2-rectified flow) when given, in our format or the official one; else from --out."""
-    given = {"teacher": args.teacher_ckpt, "reflow": args.init_ckpt}.get(stage)
-    path = Path(given) if given else out_path(args, stage)
-    ckpt = read_checkpoint(path, made_by=make_command(args, stage), official_ok=bool(given))
+    given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}.get(stage)
+    path = Path(given) if given else out_path(cfg, stage)
+    ckpt = read_checkpoint(path, made_by=make_command(cfg, stage), official_ok=bool(given))
     if ckpt.get("format") != "slimflow":  # official: the architecture comes from the preset flag
-        model_name = args.teacher_model if stage == "teacher" else args.model
-        net = load_checkpoint(path, build_model(model_name, data_shape(args)), ckpt)
-        return net.to(args.device).eval().requires_grad_(False), {"model_name": model_name}
+        model_name = cfg.teacher_model if stage == "teacher" else cfg.model
+        net = load_checkpoint(path, build_model(model_name, data_shape(cfg)), ckpt)
+        return net.to(cfg.device).eval().requires_grad_(False), {"model_name": model_name}
     if ckpt.get("stage") != stage and not (stage == "reflow" and ckpt.get("stage") == "teacher"):
         raise UsageError(f"{path} holds the {ckpt.get('stage')!r} stage, not {stage!r}")
-    check_compatible(ckpt, path, args.dataset)
-    return network_from_checkpoint(ckpt, args.device), ckpt
+    check_compatible(ckpt, path, cfg.dataset)
+    return network_from_checkpoint(ckpt, cfg.device), ckpt
 
 
 def save_preview(x, path, data=None):
@@ -1327,11 +1340,11 @@ def save_preview(x, path, data=None):
     plt.close(fig)
 
 
-def previewer(args, stage, sample_fn):
+def previewer(cfg, stage, sample_fn):
     """A preview callback for train(): samples of the current EMA network."""
-    folder = Path(args.out) / "previews"
-    z = fixed_noise(args, 2000 if is_toy(args) else 64, "samples").to(args.device)
-    data = toy_data(args.dataset, 2000, args.seed + 1) if is_toy(args) else None
+    folder = Path(cfg.out) / "previews"
+    z = fixed_noise(cfg, 2000 if is_toy(cfg) else 64, "samples").to(cfg.device)
+    data = toy_data(cfg.dataset, 2000, cfg.seed + 1) if is_toy(cfg) else None
 
     def preview(ema, step):
         folder.mkdir(parents=True, exist_ok=True)
@@ -1339,25 +1352,28 @@ def previewer(args, stage, sample_fn):
     return preview
 
 
-def run_training_stage(args, stage, model_name, objective, data, sample_fn, net=None):
+def run_training_stage(cfg, stage, model_name, objective, data, sample_fn, net=None):
     """Train a fresh `model_name` network (or `net`, for distillation) with the one loop."""
-    torch.manual_seed(args.seed)
-    net = build_model(model_name, data_shape(args)) if net is None else net
+    torch.manual_seed(cfg.seed)
+    net = build_model(model_name, data_shape(cfg)) if net is None else net
     module = OneStepGenerator(net) if stage == "distill" else net
-    meta = {"stage": stage, "dataset": args.dataset, "model_name": model_name, "data_shape": list(data_shape(args))}
+    meta = {"stage": stage, "dataset": cfg.dataset, "model_name": model_name, "data_shape": list(data_shape(cfg))}
     processes = world()[1]
-    print(f"[{stage}] {model_name}: {num_params(module):,} parameters, {args.steps} steps of batch "
-          f"{args.batch_size} on {args.device}" + (f" x {processes} processes" if processes > 1 else ""))
-    module = module.to(args.device)
-    if isinstance(net, UNet) and torch.device(args.device).type == "cuda":
+    print(f"[{stage}] {model_name}: {num_params(module):,} parameters, {cfg.steps} steps of batch "
+          f"{cfg.batch_size} on {cfg.device}" + (f" x {processes} processes" if processes > 1 else ""))
+    module = module.to(cfg.device)
+    if isinstance(net, UNet) and torch.device(cfg.device).type == "cuda":
         module = module.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
-    return train(module, objective, data, args, out_path(args, stage), meta,
-                 previewer(args, stage, sample_fn))
+    return train(module, objective, data, cfg.steps, cfg.batch_size, cfg.lr, lr_warmup=cfg.lr_warmup,
+                 weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, seed=cfg.seed,
+                 device=cfg.device, precision=cfg.precision, compile=cfg.compile, checkpoint=out_path(cfg, stage),
+                 meta=meta, resume=cfg.resume, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                 preview=previewer(cfg, stage, sample_fn), preview_every=cfg.preview_every)
 
 
-def stage_teacher(args):
-    refuse_overwrite(args, out_path(args, "teacher"))
-    run_training_stage(args, "teacher", args.teacher_model, RectifiedFlowLoss(), training_data(args),
+def stage_teacher(cfg):
+    refuse_overwrite(cfg, out_path(cfg, "teacher"))
+    run_training_stage(cfg, "teacher", cfg.teacher_model, RectifiedFlowLoss(), training_data(cfg),
                        lambda v, z: euler_sample(v, z, 8)[0])
 
 
@@ -1368,7 +1384,7 @@ def recipe_change(made, recipe):
     return "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k])
 
 
-def stage_pairs(args):
+def stage_pairs(cfg):
     """(Z0, Z1 = ODE_v1(Z0)) with RK45 (§3), solved in shards of --pairs-batch pairs. Z0 is
     drawn at once from the seed, so a shard is the same whichever process solves it and
     whenever: shards already on disk are skipped (a stopped run continues where it was),
@@ -1377,43 +1393,43 @@ def stage_pairs(args):
     solved, so every stored pair is exact) and float32 for 2-D points. Shards and pairs.pt
     keep their recipe (the teacher's weights as a hash, seed, count, tolerances): shards or a
     --resume of another recipe are refused, so pairs never outlive their teacher unnoticed."""
-    path = out_path(args, "pairs")
-    refuse_overwrite(args, path)
-    teacher, _ = load_stage_network(args, "teacher")
+    path = out_path(cfg, "pairs")
+    refuse_overwrite(cfg, path)
+    teacher, _ = load_stage_network(cfg, "teacher")
     rank, processes = world()
     shards = path.with_suffix(".shards")
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
-    recipe = {"dataset": args.dataset, "shape": list(data_shape(args)), "seed": args.seed,
-              "num_pairs": args.num_pairs, "rtol": args.rtol, "atol": args.atol, "teacher": weights.hexdigest()}
-    if path.exists() and args.resume and not args.overwrite:  # reused only for the same teacher and recipe
+    recipe = {"dataset": cfg.dataset, "shape": list(data_shape(cfg)), "seed": cfg.seed,
+              "num_pairs": cfg.num_pairs, "rtol": cfg.rtol, "atol": cfg.atol, "teacher": weights.hexdigest()}
+    if path.exists() and cfg.resume and not cfg.overwrite:  # reused only for the same teacher and recipe
         made = read_checkpoint(path).get("recipe")
         if made != recipe:
             raise UsageError(f"{path} was solved {recipe_change(made, recipe)}; solve them again with: "
-                             f"python slimflow.py {make_command(args, 'pairs')} --overwrite")
+                             f"python slimflow.py {make_command(cfg, 'pairs')} --overwrite")
         print(f"[pairs] reusing {path}: same teacher and recipe")
         return
     made = json.loads((shards / "recipe.json").read_text()) if (shards / "recipe.json").exists() else recipe
-    if made != recipe and not args.overwrite:
+    if made != recipe and not cfg.overwrite:
         raise UsageError(f"{shards} holds shards solved {recipe_change(made, recipe)}; pass --overwrite to start over")
     barrier()  # every process has read the old recipe before rank 0 replaces it
     if rank == 0:
-        if args.overwrite:
+        if cfg.overwrite:
             shutil.rmtree(shards, ignore_errors=True)
         shards.mkdir(parents=True, exist_ok=True)
         (shards / "recipe.json").write_text(json.dumps(recipe))
     barrier()
-    dtype = torch.float32 if is_toy(args) else torch.float16
-    z0 = fixed_noise(args, args.num_pairs, "pairs").to(dtype)
-    starts = range(0, args.num_pairs, args.pairs_batch)
-    shard = {i: shards / f"{i:09d}-{min(i + args.pairs_batch, args.num_pairs):09d}.pt" for i in starts}
+    dtype = torch.float32 if is_toy(cfg) else torch.float16
+    z0 = fixed_noise(cfg, cfg.num_pairs, "pairs").to(dtype)
+    starts = range(0, cfg.num_pairs, cfg.pairs_batch)
+    shard = {i: shards / f"{i:09d}-{min(i + cfg.pairs_batch, cfg.num_pairs):09d}.pt" for i in starts}
     todo = [i for i in starts if not shard[i].exists()]
     barrier()  # every process has listed the missing shards before any writes one: they share one list
     if len(todo) < len(starts):
         print(f"[pairs] {len(starts) - len(todo)} of {len(starts)} shards already in {shards}; solving the rest")
     tic = time.time()
     for n, i in enumerate(todo[rank::processes], 1):
-        x, nfe = rk45_sample(teacher, z0[i:i + args.pairs_batch].float().to(args.device), rtol=args.rtol,
-                             atol=args.atol)
+        x, nfe = rk45_sample(teacher, z0[i:i + cfg.pairs_batch].float().to(cfg.device), rtol=cfg.rtol,
+                             atol=cfg.atol)
         save_atomic({"z1": x.cpu().to(dtype), "nfe": nfe}, shard[i])
         print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {min(n * processes, len(todo))}/{len(todo)} shards in "
               f"{time.time() - tic:.1f}s", flush=True)
@@ -1421,108 +1437,108 @@ def stage_pairs(args):
     if rank == 0:
         parts = [torch.load(shard[i], weights_only=True) for i in starts]
         nfe = float(np.mean([p["nfe"] for p in parts]))
-        save_atomic({"format": "slimflow", "stage": "pairs", "dataset": args.dataset, "z0": z0,
+        save_atomic({"format": "slimflow", "stage": "pairs", "dataset": cfg.dataset, "z0": z0,
                      "z1": torch.cat([p["z1"] for p in parts]), "teacher_nfe": nfe, "recipe": recipe}, path)
         shutil.rmtree(shards)
-        print(f"[pairs] wrote {args.num_pairs} pairs to {path} (mean RK45 NFE {nfe:.0f})")
+        print(f"[pairs] wrote {cfg.num_pairs} pairs to {path} (mean RK45 NFE {nfe:.0f})")
     barrier()
 
 
-def stage_reflow(args):
-    refuse_overwrite(args, out_path(args, "reflow"))
-    print(f"[reflow] Annealing Reflow: beta {args.beta_schedule} over {args.beta_warmup} steps")
-    run_training_stage(args, "reflow", args.model, AnnealingReflowLoss(args.beta_warmup, args.beta_schedule),
-                       load_pairs(args), lambda v, z: one_step_sample(v, z)[0])
+def stage_reflow(cfg):
+    refuse_overwrite(cfg, out_path(cfg, "reflow"))
+    print(f"[reflow] Annealing Reflow: beta {cfg.beta_schedule} over K = {cfg.anneal_steps} steps")
+    run_training_stage(cfg, "reflow", cfg.model, AnnealingReflowLoss(cfg.anneal_steps, cfg.beta_schedule),
+                       load_pairs(cfg), lambda v, z: one_step_sample(v, z)[0])
 
 
-def stage_distill(args):
-    refuse_overwrite(args, out_path(args, "distill"))
-    guide, ckpt = load_stage_network(args, "reflow")
-    pairs = load_pairs(args)
-    if args.distance == "lpips" and is_toy(args):
+def stage_distill(cfg):
+    refuse_overwrite(cfg, out_path(cfg, "distill"))
+    guide, ckpt = load_stage_network(cfg, "reflow")
+    pairs = load_pairs(cfg)
+    if cfg.distance == "lpips" and is_toy(cfg):
         raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
-    distance = lpips_distance(args.device) if args.distance == "lpips" else DISTANCES[args.distance]
-    objective = FlowGuidedDistillationLoss(guide, distance, args.reg_weight, args.target_form)
-    print(f"[distill] Flow-Guided Distillation: distance {args.distance}, lambda {args.reg_weight}, "
-          f"target {args.target_form}")
+    distance = lpips_distance(cfg.device) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
+    objective = FlowGuidedDistillationLoss(guide, distance, cfg.reg_weight, cfg.target_form)
+    print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
+          f"target {cfg.target_form}")
     student = copy.deepcopy(guide).train().requires_grad_(True)  # u starts as the 2-rectified flow
-    run_training_stage(args, "distill", ckpt["model_name"], objective, pairs, lambda g, z: g(z), net=student)
+    run_training_stage(cfg, "distill", ckpt["model_name"], objective, pairs, lambda g, z: g(z), net=student)
 
 
-def stage_traflow(args):
+def stage_traflow(cfg):
     """TraFlow from the teacher (or the 2-rectified flow, --traflow-from reflow) on the
     stored pairs; the student starts as the flow, its s embedding copied from t's."""
-    refuse_overwrite(args, out_path(args, "traflow"))
-    flow, ckpt = load_stage_network(args, args.traflow_from)
-    pairs = load_pairs(args)
-    student = build_model(ckpt["model_name"], data_shape(args), two_times=True)
+    refuse_overwrite(cfg, out_path(cfg, "traflow"))
+    flow, ckpt = load_stage_network(cfg, cfg.traflow_from)
+    pairs = load_pairs(cfg)
+    student = build_model(ckpt["model_name"], data_shape(cfg), two_times=True)
     student.load_state_dict(add_second_time(flow.state_dict()))
-    objective = TraFlowLoss(flow, args.lambda_vel, args.lambda_cons, args.traflow_phases, args.traflow_midpoint,
-                            args.traflow_target)
-    print(f"[traflow] from the {args.traflow_from} flow: lambda_vel {args.lambda_vel}, lambda_cons "
-          f"{args.lambda_cons}, phases {args.traflow_phases}, midpoint {args.traflow_midpoint}")
-    run_training_stage(args, "traflow", ckpt["model_name"], objective, pairs,
+    objective = TraFlowLoss(flow, cfg.lambda_vel, cfg.lambda_cons, cfg.traflow_phases, cfg.traflow_midpoint,
+                            cfg.traflow_target)
+    print(f"[traflow] from the {cfg.traflow_from} flow: lambda_vel {cfg.lambda_vel}, lambda_cons "
+          f"{cfg.lambda_cons}, phases {cfg.traflow_phases}, midpoint {cfg.traflow_midpoint}")
+    run_training_stage(cfg, "traflow", ckpt["model_name"], objective, pairs,
                        lambda g, z: traflow_sample(g, z, 1)[0], net=student.train())
 
 
-def generate(net, stage, z, args):
-    """Samples and NFE from a stage's network: the generator is one call."""
+def generate(net, stage, z, cfg, sampler=None):
+    """Samples and NFE from a stage's network: the generator is one call, TraFlow --nfe jumps."""
     if stage == "distill":
         with torch.no_grad():
             return net(z), 1
-    if stage == "traflow":  # N jumps on a uniform grid: --steps N (or --nfe N)
-        return traflow_sample(net, z, args.steps if "steps" in args.explicit else args.nfe)
-    return sample_with(net, z, args.sampler, args.nfe, args.rtol, args.atol)
+    if stage == "traflow":
+        return traflow_sample(net, z, cfg.nfe)
+    return sample_with(net, z, sampler or cfg.sampler, cfg.nfe, cfg.rtol, cfg.atol)
 
 
-def pick_stage(args):
+def pick_stage(cfg):
     """--from, or the latest stage with a checkpoint."""
-    return args.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(args, s).exists()), "teacher")
+    return cfg.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(cfg, s).exists()), "teacher")
 
 
-def generate_all(net, stage, args):
-    """args.num_samples samples from seeded noise, in batches of --pairs-batch; and the NFE."""
-    z = fixed_noise(args, args.num_samples, "samples")
-    batches = [generate(net, stage, zb.to(args.device), args) for zb in z.split(args.pairs_batch)]
+def generate_all(net, stage, cfg, sampler=None):
+    """cfg.num_samples samples from seeded noise, in batches of --pairs-batch; and the NFE."""
+    z = fixed_noise(cfg, cfg.num_samples, "samples")
+    batches = [generate(net, stage, zb.to(cfg.device), cfg, sampler) for zb in z.split(cfg.pairs_batch)]
     return torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
 
 
-def sampler_name(stage, nfe, args):
-    return {"distill": "generator", "traflow": f"{nfe} jump" + "s" * (nfe > 1)}.get(stage, args.sampler)
+def sampler_name(stage, nfe, sampler):
+    return {"distill": "generator", "traflow": f"{nfe} jump" + "s" * (nfe > 1)}.get(stage, sampler)
 
 
-def stage_sample(args):
-    stage = pick_stage(args)
-    net, _ = load_stage_network(args, stage)
-    x, nfe = generate_all(net, stage, args)
-    path = Path(args.out) / f"samples_{stage}.npy"
+def stage_sample(cfg):
+    stage = pick_stage(cfg)
+    net, _ = load_stage_network(cfg, stage)
+    x, nfe = generate_all(net, stage, cfg)
+    path = Path(cfg.out) / f"samples_{stage}.npy"
     np.save(path, x.numpy())
-    save_preview(x, path.with_suffix(".png"), toy_data(args.dataset, 2000, args.seed + 1) if is_toy(args) else None)
-    print(f"[sample] {len(x)} samples from {stage} ({sampler_name(stage, nfe, args)}, NFE {nfe}) -> {path} "
+    save_preview(x, path.with_suffix(".png"), toy_data(cfg.dataset, 2000, cfg.seed + 1) if is_toy(cfg) else None)
+    print(f"[sample] {len(x)} samples from {stage} ({sampler_name(stage, nfe, cfg.sampler)}, NFE {nfe}) -> {path} "
           f"and {path.with_suffix('.png')}")
 
 
-def fid_of(x, args, extractor=None):
+def fid_of(x, cfg, extractor=None):
     """FID of generated images x against the training set, whose statistics are cached in
     --data-dir per dataset, size, image count and feature network."""
     if extractor is None:
-        extractor = fid_inception(args.fid_weights or fid_weights_path(Path(args.data_dir) / "fid"))
-    extractor = extractor.to(args.device)
-    real = image_dataset(args.dataset, args.data_dir, args.image_size, args.max_images, args.seed)
-    cache = Path(args.data_dir) / (f"fid_stats_{args.dataset}_train_{args.image_size}px_{len(real)}_"
+        extractor = fid_inception(cfg.fid_weights or fid_weights_path(Path(cfg.data_dir) / "fid"))
+    extractor = extractor.to(cfg.device)
+    real = image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_images, cfg.seed)
+    cache = Path(cfg.data_dir) / (f"fid_stats_{cfg.dataset}_train_{cfg.image_size}px_{len(real)}_"
                                    f"{type(extractor).__name__.lower()}.npz")
     if cache.exists():
         stats = np.load(cache)
         mu_real, sigma_real = stats["mu"], stats["sigma"]
     else:
-        feats = image_features(extractor, (to_unit_range(b) for b in real.split(args.pairs_batch)), args.device,
-                               f"{args.dataset} training set")
+        feats = image_features(extractor, (to_unit_range(b) for b in real.split(cfg.pairs_batch)), cfg.device,
+                               f"{cfg.dataset} training set")
         mu_real, sigma_real = gaussian_stats(feats)
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, mu=mu_real, sigma=sigma_real)
         print(f"[fid] cached training-set statistics in {cache}")
     x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # 8-bit, like the training images and saved samples
-    mu, sigma = gaussian_stats(image_features(extractor, x.split(args.pairs_batch), args.device, "samples"))
+    mu, sigma = gaussian_stats(image_features(extractor, x.split(cfg.pairs_batch), cfg.device, "samples"))
     return frechet_distance(mu, sigma, mu_real, sigma_real)
 
 
@@ -1531,84 +1547,92 @@ def si(n):
     return next(f"{n / 10**e:.2f}{u}" for e, u in ((9, "G"), (6, "M"), (3, "K"), (0, "")) if n >= 10**e or e == 0)
 
 
-def stage_eval(args, extractor=None):
-    """The paper's table for one stage's network: #params, NFE, FID (images) or SW2 with
-    its floor (2-D), MACs and FLOPs per sample, straightness (flows), samples/s. Printed
-    and merged into <out>/metrics.json. `extractor` replaces FID's Inception (tests)."""
-    stage = pick_stage(args)
-    net, _ = load_stage_network(args, stage)
-    x, nfe = generate_all(net, stage, args)
-    sampler = sampler_name(stage, nfe, args)
-    row = {"method": f"{stage} ({sampler})", "params": num_params(net), "nfe": nfe}
-    if is_toy(args):
-        data = toy_data(args.dataset, len(x), args.seed + 3)
-        row["sw2"] = sliced_wasserstein(x, data)
-        row["sw2_floor"] = sliced_wasserstein(toy_data(args.dataset, len(x), args.seed + 4), data)
+def evaluate(cfg, stage, net, sampler, method=None, extractor=None):
+    """One row of the paper's table for a stage's network and sampler: #params, NFE, SW2 to
+    the data (2-D) or FID (images), MACs and FLOPs per sample, straightness (flows),
+    samples/s. `extractor` replaces FID's Inception (tests)."""
+    x, nfe = generate_all(net, stage, cfg, sampler)
+    row = {"method": method or f"{stage} ({sampler_name(stage, nfe, sampler)})", "params": num_params(net), "nfe": nfe}
+    if is_toy(cfg):
+        row["sw2"] = sliced_wasserstein(x, toy_data(cfg.dataset, len(x), cfg.seed + 3))
     else:
-        row["fid"] = fid_of(x, args, extractor)
-    z = fixed_noise(args, min(args.num_samples, args.pairs_batch), "eval").to(args.device)
-    t = torch.full((1,), 0.5, device=args.device)
-    inputs = {"distill": (z[:1],), "traflow": (z[:1], t, t)}.get(stage, (z[:1], t))
-    macs = count_macs(net, *inputs)  # per network evaluation
+        row["fid"] = fid_of(x, cfg, extractor)
+    z = fixed_noise(cfg, min(cfg.num_samples, cfg.pairs_batch), "eval").to(cfg.device)
+    t = torch.full((1,), 0.5, device=cfg.device)
+    macs = count_macs(net, *{"distill": (z[:1],), "traflow": (z[:1], t, t)}.get(stage, (z[:1], t)))  # per call
     row["macs"] = macs["conv"] + macs["linear"]  # as the paper counts them: attention left out
     row["macs_with_attention"], row["flops"] = macs["total"], 2 * row["macs"]
     if stage in ("teacher", "reflow"):
         row["straightness"] = straightness(net, z[:1000])
-    row["samples_per_s"] = samples_per_second(lambda zb: generate(net, stage, zb, args), z, repeats=2)
-    header = f"{'method':22s}{'#params':>12s}{'NFE':>6s}{'FID' if 'fid' in row else 'SW2':>9s}" \
-             f"{'MACs':>10s}{'FLOPs':>10s}{'straight.':>10s}{'samples/s':>11s}"
-    quality = row.get("fid", row.get("sw2"))
-    print(header + "\n" + f"{row['method']:22s}{row['params']:>12,}{nfe:>6}{quality:9.4f}{si(row['macs']):>10s}"
-          f"{si(row['flops']):>10s}{row.get('straightness', float('nan')):10.4f}{row['samples_per_s']:11.1f}")
-    if "sw2_floor" in row:
-        print(f"SW2 floor (two independent data draws): {row['sw2_floor']:.4f}")
-    path = Path(args.out) / "metrics.json"
+    row["samples_per_s"] = samples_per_second(lambda zb: generate(net, stage, zb, cfg, sampler), z, repeats=2)
+    return row
+
+
+def sw2_floor(cfg):
+    """SW2 between two independent draws of the data: no model can do better."""
+    return sliced_wasserstein(toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 4),
+                              toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 3))
+
+
+def print_table(rows, floor=None):
+    quality = "FID" if "fid" in rows[0] else "SW2"
+    lines = [f"{'method':36s}{'#params':>10s}{'NFE':>6s}{quality:>9s}" + ("" if floor is None else f"{'/floor':>8s}")
+             + f"{'MACs':>9s}{'straight.':>10s}{'samples/s':>11s}"]
+    if floor is not None:
+        lines.append(f"{'SW2 floor (two data draws)':36s}{'-':>10s}{'-':>6s}{floor:9.4f}{1:8.2f}")
+    for r in rows:
+        q = r.get("fid", r.get("sw2"))
+        lines.append(f"{r['method']:36s}{r['params']:>10,}{r['nfe']:>6}{q:9.4f}" + ("" if floor is None else
+                     f"{q / floor:8.2f}") + f"{si(r['macs']):>9s}{r.get('straightness', float('nan')):10.4f}"
+                     f"{r['samples_per_s']:11.0f}")
+    print("\n".join(lines))
+
+
+def stage_eval(cfg, extractor=None):
+    """The paper's table row for one stage (--from) and sampler, printed and merged into
+    <out>/metrics.json."""
+    stage = pick_stage(cfg)
+    net, _ = load_stage_network(cfg, stage)
+    row = evaluate(cfg, stage, net, cfg.sampler, extractor=extractor)
+    floor = sw2_floor(cfg) if is_toy(cfg) else None
+    if floor is not None:
+        row["sw2_floor"] = floor
+    print_table([row], floor)
+    path = Path(cfg.out) / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
-    metrics[f"{row['method']} nfe={nfe}"] = row
+    metrics[f"{row['method']} nfe={row['nfe']}"] = row
     path.write_text(json.dumps(metrics, indent=1))
     print(f"[eval] -> {path}")
     return row
 
 
-def toy_report(args):
-    """The default run's table: every model's distance to the data on --num-samples
-    samples, next to the floor (the same distance between two independent data draws)."""
-    n = args.num_samples
-    teacher, _ = load_stage_network(args, "teacher")
-    flow2, _ = load_stage_network(args, "reflow")
-    generator, _ = load_stage_network(args, "distill")
-    z = fixed_noise(args, n, "report").to(args.device)
-    data = toy_data(args.dataset, n, args.seed + 3)
-    floor = sliced_wasserstein(toy_data(args.dataset, n, args.seed + 4), data)
-    rows = [("data floor (two data draws)", None, None, floor)]
-    for name, net, (x, nfe) in [
-            ("teacher, 1-RF (RK45)", teacher, rk45_sample(teacher, z, rtol=args.rtol, atol=args.atol)),
-            ("teacher, 1-RF (one Euler step)", teacher, one_step_sample(teacher, z)),
-            ("2-rectified flow (one Euler step)", flow2, one_step_sample(flow2, z)),
-            ("SlimFlow one-step generator", generator, (generator(z), 1))]:
-        rows.append((name, num_params(net), nfe, sliced_wasserstein(x, data)))
-    lines = [f"{'model':36s}{'params':>10s}{'NFE':>6s}{'SW2':>9s}{'/floor':>8s}"]
-    for name, params, nfe, sw in rows:
-        lines.append(f"{name:36s}{f'{params:,}' if params else '-':>10}{nfe or '-':>6}{sw:9.4f}{sw / floor:8.2f}")
-    print("\n".join(lines))
-    (Path(args.out) / "results.json").write_text(json.dumps(
-        [dict(model=r[0], params=r[1], nfe=r[2], sw2=r[3]) for r in rows], indent=1))
-    plot_trajectories(args, teacher, flow2, generator)
+def toy_report(cfg):
+    """The default run's table: every model of the pipeline on the same noise, against the
+    floor; written to <out>/results.json, with a figure of the trajectories."""
+    teacher, flow2, generator = (load_stage_network(cfg, s)[0] for s in FLOW_STAGES)
+    rows = [evaluate(cfg, "teacher", teacher, "rk45", "teacher, 1-RF (RK45)"),
+            evaluate(cfg, "teacher", teacher, "one_step", "teacher, 1-RF (one Euler step)"),
+            evaluate(cfg, "reflow", flow2, "one_step", "2-rectified flow (one Euler step)"),
+            evaluate(cfg, "distill", generator, None, "SlimFlow one-step generator")]
+    floor = sw2_floor(cfg)
+    print_table(rows, floor)
+    (Path(cfg.out) / "results.json").write_text(json.dumps({"sw2_floor": floor, "rows": rows}, indent=1))
+    plot_trajectories(cfg, teacher, flow2, generator)
     return rows
 
 
-def plot_trajectories(args, teacher, flow2, generator, n=300):
+def plot_trajectories(cfg, teacher, flow2, generator, n=300):
     """Noise-to-data paths: curved for the teacher, nearly straight after reflow, one
     jump for the generator."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    z = fixed_noise(args, n, "trajectories").to(args.device)
-    _, _, path_t = rk45_sample(teacher, z, rtol=args.rtol, atol=args.atol, trajectory=True)
+    z = fixed_noise(cfg, n, "trajectories").to(cfg.device)
+    _, _, path_t = rk45_sample(teacher, z, rtol=cfg.rtol, atol=cfg.atol, trajectory=True)
     _, _, path_2 = euler_sample(flow2, z, 20, trajectory=True)
     path_g = torch.stack([z, generator(z)])
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
-    data = toy_data(args.dataset, 3000, args.seed + 6)
+    data = toy_data(cfg.dataset, 3000, cfg.seed + 6)
     for ax, path, title in zip(axes, (path_t, path_2, path_g), (
             "1-rectified flow teacher (RK45)", "2-rectified flow student (20 Euler steps)",
             "SlimFlow one-step generator")):
@@ -1619,31 +1643,30 @@ def plot_trajectories(args, teacher, flow2, generator, n=300):
         ax.scatter(*path[-1].T, s=3, c="C2", label="sample")
         ax.set(title=title, xlim=(-5, 5), ylim=(-5, 5))
     axes[0].legend(loc="upper right", markerscale=3)
-    path = Path(args.out) / "trajectories.png"
+    path = Path(cfg.out) / "trajectories.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     print(f"[all] trajectories -> {path}")
 
 
-def stage_all(args):
+def stage_all(cfg):
     tic = time.time()
-    given = {"teacher": args.teacher_ckpt, "reflow": args.init_ckpt}
+    given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
     for stage in ("teacher", "pairs", "reflow", "distill"):
         if given.get(stage):
             print(f"[all] {stage}: using {given[stage]}")
             continue
-        configure_stage(args, stage)
-        STAGES[stage](args)
+        STAGES[stage](settings_for(cfg.given, stage))
     rank = world()[0]
     stop_processes()  # the report and the samples come from rank 0 alone
     if rank == 0:
-        if is_toy(args):
-            toy_report(args)
+        if is_toy(cfg):
+            toy_report(cfg)
         else:
             for stage in FLOW_STAGES:
-                args.sample_from, args.sampler = stage, ("rk45" if stage == "teacher" else "one_step")
-                stage_sample(args)
-    print(f"[all] done in {time.time() - tic:.0f}s; outputs in {args.out}")
+                sampler = "rk45" if stage == "teacher" else "one_step"
+                stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))
+    print(f"[all] done in {time.time() - tic:.0f}s; outputs in {cfg.out}")
 
 
 def matmul_rate(device, dtype, n=None, repeats=10):
@@ -1654,8 +1677,8 @@ def matmul_rate(device, dtype, n=None, repeats=10):
     return 2 * n**3 * calls_per_second
 
 
-def bench_rates(net, z, args, compile_=False):
-    """Samples per second of net on the batch z, in the precision args.precision says:
+def bench_rates(net, z, cfg, precision, compile_=False):
+    """Samples per second of net on the batch z in `precision`:
     one-step sampling, one RK45 solve (with its NFE), and training steps of the
     rectified-flow loss (which change net's weights, so they come last)."""
     if compile_:
@@ -1663,11 +1686,11 @@ def bench_rates(net, z, args, compile_=False):
     model, opt = torch.compile(net) if compile_ else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
 
     def sample(sampler, z):
-        with bf16_autocast(args):
-            return sample_with(model.eval(), z, sampler, rtol=args.rtol, atol=args.atol)
+        with bf16_autocast(cfg.device, precision):
+            return sample_with(model.eval(), z, sampler, rtol=cfg.rtol, atol=cfg.atol)
 
     def train_step(x):
-        with bf16_autocast(args):
+        with bf16_autocast(cfg.device, precision):
             loss, _ = RectifiedFlowLoss()(model.train(), x, 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1680,7 +1703,7 @@ def bench_rates(net, z, args, compile_=False):
     return one_step, nfe, rk45, samples_per_second(train_step, z)
 
 
-def stage_bench(args):
+def stage_bench(cfg):
     """Samples per second of the student (--model) and the teacher (--teacher-model): a
     training step at --batch-size, one-step and RK45 sampling, each as a fraction of the
     ceiling that the device's measured matmul rate sets from the network's MACs (a
@@ -1688,19 +1711,19 @@ def stage_bench(args):
     so the rows compare: fp32 and, on a GPU with bf16, bf16 (one of them with
     --precision), each also compiled with --compile. Every configuration starts from the
     same weights, so RK45 takes the same steps in each."""
-    shape, device, cuda = data_shape(args), args.device, torch.device(args.device).type == "cuda"
-    both = cuda and torch.cuda.is_bf16_supported() and "precision" not in args.explicit
-    precisions = ["fp32", "bf16"] if both else [args.precision]
-    compiled = [False, True] if args.compile else [False]
+    shape, device, cuda = data_shape(cfg), cfg.device, torch.device(cfg.device).type == "cuda"
+    both = cuda and torch.cuda.is_bf16_supported() and "precision" not in cfg.given
+    precisions = ["fp32", "bf16"] if both else [cfg.precision]
+    compiled = [False, True] if cfg.compile else [False]
     ceilings = {p: matmul_rate(device, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
-    print(f"[bench] batch {args.batch_size} on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}); "
+    print(f"[bench] batch {cfg.batch_size} on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}); "
           "matmul ceiling " + ", ".join(f"{p} {c / 1e12:.2f} TFLOP/s" for p, c in ceilings.items()))
     print(f"{'model':13s}{'params':>8s}{'MACs':>8s}{'precision':>10s}{'compiled':>9s}{'train/s':>10s}{'of ceil.':>9s}"
           f"{'one step/s':>11s}{'of ceil.':>9s}{'RK45 NFE':>9s}{'RK45/s':>9s}")
-    z = torch.randn(args.batch_size, *shape, device=device, generator=torch.Generator(device).manual_seed(args.seed))
+    z = torch.randn(cfg.batch_size, *shape, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
     rows = []
-    for name in dict.fromkeys([args.model, args.teacher_model]):
-        torch.manual_seed(args.seed)
+    for name in dict.fromkeys([cfg.model, cfg.teacher_model]):
+        torch.manual_seed(cfg.seed)
         start = build_model(name, shape).to(device)
         with torch.no_grad():  # untrained weights, but a non-zero field, so RK45 has work to do
             for p in start.parameters():
@@ -1710,9 +1733,8 @@ def stage_bench(args):
             start = start.to(memory_format=torch.channels_last)
         flops = 2 * count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
         for precision in precisions:
-            args.precision = precision  # what bf16_autocast(args) reads
             for compile_ in compiled:
-                one_step, nfe, rk45, train_rate = bench_rates(copy.deepcopy(start), z, args, compile_)
+                one_step, nfe, rk45, train_rate = bench_rates(copy.deepcopy(start), z, cfg, precision, compile_)
                 ceiling = ceilings[precision]
                 rows.append(dict(model=name, params=num_params(start), macs=flops / 2, precision=precision,
                                  compiled=compile_, train=train_rate, train_of_ceiling=train_rate * 3 * flops / ceiling,
@@ -1722,9 +1744,9 @@ def stage_bench(args):
                 print(f"{name:13s}{si(r['params']):>8s}{si(r['macs']):>8s}{r['precision']:>10s}"
                       f"{'yes' if compile_ else 'no':>9s}{r['train']:10.1f}{r['train_of_ceiling']:9.1%}"
                       f"{r['one_step']:11.1f}{r['one_step_of_ceiling']:9.1%}{nfe:9d}{rk45:9.1f}", flush=True)
-    one_step = max(r["one_step"] for r in rows if r["model"] == args.model)
-    rk45 = max(r["rk45"] for r in rows if r["model"] == args.teacher_model)
-    print(f"one-step sampling of {args.model} / RK45 sampling of {args.teacher_model}, fastest of each: "
+    one_step = max(r["one_step"] for r in rows if r["model"] == cfg.model)
+    rk45 = max(r["rk45"] for r in rows if r["model"] == cfg.teacher_model)
+    print(f"one-step sampling of {cfg.model} / RK45 sampling of {cfg.teacher_model}, fastest of each: "
           f"{one_step / rk45:.0f}x")
     return rows
 
@@ -1735,24 +1757,59 @@ STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow
 
 
 # -----------------------------------------------------------------------------
-# 9. Command line
-# Defaults depend on the kind of data (toy or image) and the stage; any flag given on the
-# command line wins. The image defaults are the official CIFAR10 settings (§4, §6).
+# 9. Settings and command line
+# One settings object per stage, built once and never changed: the defaults for every
+# run, then those of the data's kind (2-D toy, image, and the `shapes` demo) and of the
+# stage, then the flags the user gave, which always win. The image defaults are the
+# official CIFAR10 settings (§4, §6).
 
 DEFAULTS = {
-    "toy": dict(teacher_model="mlp-256x3", model="mlp-96x3", batch_size=256, lr=1e-3, warmup=100,
+    "all": dict(dataset="8gaussians", stage="all", out=None, data_dir="data", image_size=32, max_images=None,
+                flip=None, teacher_model=None, model=None, teacher_ckpt=None, init_ckpt=None, weight_decay=0.0,
+                seed=0, device="auto", precision=None, compile=False, resume=False, overwrite=False, rtol=1e-5,
+                atol=1e-5, beta_schedule="linear", distance="l2", reg_weight=1.0, target_form="official",
+                traflow_from="teacher", lambda_vel=1.0, lambda_cons=1.0, traflow_phases=0,
+                traflow_midpoint="student", traflow_target="stopgrad", sampler="rk45", nfe=1, sample_from=None,
+                fid_weights=None),
+    "toy": dict(teacher_model="mlp-256x3", model="mlp-96x3", batch_size=256, lr=1e-3, lr_warmup=100,
                 grad_clip=1.0, ema_decay=0.999, num_pairs=20_000, pairs_batch=20_000, num_samples=10_000,
-                log_every=500, ckpt_every=1000, preview_every=0, beta_warmup=1000,
+                log_every=500, ckpt_every=1000, preview_every=0, anneal_steps=1000,
                 steps=dict(teacher=3000, reflow=3000, distill=2000, traflow=2000)),
-    "image": dict(teacher_model="rf-61.8m", model="slim-15.7m", batch_size=128, lr=2e-4, warmup=5000,
+    "image": dict(teacher_model="rf-61.8m", model="slim-15.7m", batch_size=128, lr=2e-4, lr_warmup=5000,
                   grad_clip=1.0, ema_decay=0.9999, num_pairs=50_000, pairs_batch=500, num_samples=64,
-                  log_every=100, ckpt_every=5000, preview_every=5000, beta_warmup=300_000,
+                  log_every=100, ckpt_every=5000, preview_every=5000, anneal_steps=300_000,
                   steps=dict(teacher=800_000, reflow=500_000, distill=200_000, traflow=200_000)),
-    "shapes": dict(teacher_model="unet-tiny", model="unet-micro", batch_size=64, lr=1e-3, warmup=100,
+    "shapes": dict(teacher_model="unet-tiny", model="unet-micro", batch_size=64, lr=1e-3, lr_warmup=100,
                    ema_decay=0.999, num_pairs=2000, pairs_batch=500, log_every=50, ckpt_every=500,
-                   preview_every=500, beta_warmup=500,
+                   preview_every=500, anneal_steps=500,
                    steps=dict(teacher=2000, reflow=1000, distill=500, traflow=500)),
 }
+
+
+class Settings(types.SimpleNamespace):
+    """Every setting of one stage's run, as attributes; `given` holds the flags the user gave.
+    Built by settings_for() and read-only."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"settings are never changed ({name}); build others with settings_for()")
+
+
+def settings_for(given, stage=None):
+    """The settings of `stage` (default: the one given): DEFAULTS for every run, for the
+    data's kind and for the stage, then `given` (flag name -> value, as the user gave them)."""
+    stage = stage or given.get("stage", DEFAULTS["all"]["stage"])
+    dataset = given.get("dataset", DEFAULTS["all"]["dataset"])
+    toy = dataset in TOY_DATASETS
+    merged = {**DEFAULTS["all"], **DEFAULTS["toy" if toy else "image"], **DEFAULTS.get(dataset, {})}
+    merged["steps"] = merged["steps"].get(stage, 1)
+    if stage == "eval" and not toy:
+        merged["num_samples"] = 50_000  # the paper's FID protocol
+    merged.update(given, stage=stage)
+    merged["out"] = merged["out"] or str(Path("runs") / dataset)
+    merged["device"] = resolve_device(merged["device"])
+    merged["precision"] = resolve_precision(merged["precision"], merged["device"])
+    merged["flip"] = (not toy) if merged["flip"] is None else merged["flip"]
+    return Settings(**merged, given=types.MappingProxyType(dict(given)))
 
 
 def positive_int(text):
@@ -1784,14 +1841,17 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = Parser(description="SlimFlow: small one-step generators with rectified flow.")
-    p.add_argument("--dataset", default="8gaussians", choices=TOY_DATASETS + IMAGE_DATASETS)
-    p.add_argument("--stage", default="all", choices=tuple(STAGES))
+    """The command line's settings. Defaults live in DEFAULTS, so argparse records only
+    the flags given (argument_default=SUPPRESS)."""
+    p = Parser(description="SlimFlow: small one-step generators with rectified flow.",
+               argument_default=argparse.SUPPRESS)
+    p.add_argument("--dataset", choices=TOY_DATASETS + IMAGE_DATASETS, help="default 8gaussians")
+    p.add_argument("--stage", choices=tuple(STAGES), help="default all")
     p.add_argument("--out", help="run directory (default runs/<dataset>)")
-    p.add_argument("--data-dir", default="data", help="where image datasets are downloaded or read")
-    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--data-dir", help="where image datasets are downloaded or read (default data)")
+    p.add_argument("--image-size", type=positive_int, help="default 32")
     p.add_argument("--max-images", type=positive_int, help="use at most this many training images")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips of images and pairs (default on for images)")
     p.add_argument("--teacher-model", help=f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}")
     p.add_argument("--model", help="student preset (reflow and distill)")
@@ -1800,12 +1860,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive_int, help="training steps of the stage (all: of every stage)")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
-    p.add_argument("--warmup", type=non_negative(int), help="learning-rate warm-up steps")
-    p.add_argument("--weight-decay", type=non_negative(float), default=0.0)
+    p.add_argument("--lr-warmup", type=non_negative(int), help="learning-rate warm-up steps")
+    p.add_argument("--weight-decay", type=non_negative(float))
     p.add_argument("--grad-clip", type=non_negative(float), help="max gradient norm (0: off)")
     p.add_argument("--ema-decay", type=non_negative(float))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 autocast (default on GPUs with bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network for training")
     p.add_argument("--resume", action="store_true", help="continue the stage's checkpoint exactly")
@@ -1816,53 +1876,32 @@ def parse_args(argv=None):
     p.add_argument("--num-pairs", type=positive_int, help="reflow pairs to generate")
     p.add_argument("--pairs-batch", type=positive_int,
                    help="batch size of RK45 pair generation (one shard) and of sampling")
-    p.add_argument("--rtol", type=positive_float, default=1e-5, help="RK45 relative tolerance")
-    p.add_argument("--atol", type=positive_float, default=1e-5, help="RK45 absolute tolerance")
-    p.add_argument("--beta-warmup", type=non_negative(int), help="Annealing Reflow K (0: plain reflow)")
-    p.add_argument("--beta-schedule", default="linear", choices=("linear", "cosine", "exponential"))
-    p.add_argument("--distance", default="l2", choices=("l2", "huber", "lpips"))
-    p.add_argument("--reg-weight", type=non_negative(float), default=1.0,
-                   help="lambda of the 2-rectified-flow regularization (0: naive distillation)")
-    p.add_argument("--target-form", default="official", choices=("official", "paper"),
-                   help="first half step of the regularization target by the student (official) or v2 (paper)")
-    p.add_argument("--traflow-from", default="teacher", choices=("teacher", "reflow"),
-                   help="the pre-trained flow TraFlow distills (and starts from)")
-    p.add_argument("--lambda-vel", type=non_negative(float), default=1.0, help="TraFlow velocity loss weight")
-    p.add_argument("--lambda-cons", type=non_negative(float), default=1.0, help="TraFlow consistency loss weight")
-    p.add_argument("--traflow-phases", type=non_negative(int), default=0,
-                   help="K > 0: consistency alone for K steps, then output + velocity (0: all at once)")
-    p.add_argument("--traflow-midpoint", default="student", choices=("student", "teacher"))
-    p.add_argument("--traflow-target", default="stopgrad", choices=("stopgrad", "ema"))
-    p.add_argument("--sampler", default="rk45", choices=SAMPLERS)
-    p.add_argument("--nfe", type=positive_int, default=1,
-                   help="NFE budget: euler N steps; heun (N+1)//2 steps, NFE 2·steps - 1; traflow N jumps")
+    p.add_argument("--rtol", type=positive_float, help="RK45 relative tolerance (default 1e-5)")
+    p.add_argument("--atol", type=positive_float, help="RK45 absolute tolerance (default 1e-5)")
+    p.add_argument("--anneal-steps", type=non_negative(int), help="Annealing Reflow's K (0: plain reflow)")
+    p.add_argument("--beta-schedule", choices=("linear", "cosine", "exponential"), help="default linear")
+    p.add_argument("--distance", choices=("l2", "huber", "lpips"), help="default l2")
+    p.add_argument("--reg-weight", type=non_negative(float),
+                   help="lambda of the 2-rectified-flow regularization (default 1; 0: naive distillation)")
+    p.add_argument("--target-form", choices=("official", "paper"),
+                   help="first half step of the regularization target by the student (official, default) or v2")
+    p.add_argument("--traflow-from", choices=("teacher", "reflow"),
+                   help="the pre-trained flow TraFlow distills and starts from (default teacher)")
+    p.add_argument("--lambda-vel", type=non_negative(float), help="TraFlow velocity loss weight (default 1)")
+    p.add_argument("--lambda-cons", type=non_negative(float), help="TraFlow consistency loss weight (default 1)")
+    p.add_argument("--traflow-phases", type=non_negative(int),
+                   help="K > 0: consistency alone for K steps, then output + velocity (default 0: all at once)")
+    p.add_argument("--traflow-midpoint", choices=("student", "teacher"), help="default student")
+    p.add_argument("--traflow-target", choices=("stopgrad", "ema"), help="default stopgrad")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default rk45")
+    p.add_argument("--nfe", type=positive_int,
+                   help="NFE budget: euler N steps; heun (N+1)//2 steps, NFE 2·steps - 1; traflow N jumps (default 1)")
     p.add_argument("--from", dest="sample_from", choices=SAMPLE_SOURCES,
                    help="stage to sample or evaluate (default: the latest of teacher, reflow, distill)")
     p.add_argument("--num-samples", type=positive_int, help="samples to draw (eval on images: 50,000)")
     p.add_argument("--fid-weights", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "
                                           "default: downloaded once into <data-dir>/fid")
-    args = p.parse_args(argv)
-    args.explicit = {k for k, v in vars(args).items() if v is not None}
-    args.out = args.out or str(Path("runs") / args.dataset)
-    args.device = resolve_device(args.device)
-    args.precision = resolve_precision(args.precision, args.device)
-    args.flip = (not is_toy(args)) if args.flip is None else args.flip
-    configure_stage(args, args.stage)
-    return args
-
-
-def configure_stage(args, stage):
-    """Fill every flag the user did not give from DEFAULTS for this data and stage."""
-    kind = "toy" if is_toy(args) else "image"
-    defaults = {**DEFAULTS[kind], **(DEFAULTS["shapes"] if args.dataset == "shapes" else {})}
-    for key, value in defaults.items():
-        if key == "steps":
-            if "steps" not in args.explicit:
-                args.steps = value.get(stage, 1)
-        elif key not in args.explicit:
-            setattr(args, key, value)
-    if stage == "eval" and kind == "image" and "num_samples" not in args.explicit:
-        args.num_samples = 50_000  # the paper's FID protocol
+    return settings_for(vars(p.parse_args(argv)))
 
 
 def resolve_device(name):
@@ -1890,13 +1929,13 @@ def resolve_precision(precision, device):
 
 def main(argv=None):
     try:
-        args = parse_args(argv)
-        if args.stage not in ("sample", "eval", "bench"):
-            start_processes(args)
+        cfg = parse_args(argv)
+        if cfg.stage not in ("sample", "eval", "bench"):
+            start_processes(cfg.device)
         elif int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 alone samples, evaluates, benchmarks
             return 0
-        torch.manual_seed(args.seed)
-        STAGES[args.stage](args)
+        torch.manual_seed(cfg.seed)
+        STAGES[cfg.stage](cfg)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -298,6 +298,15 @@ def test_euler_and_heun_on_fields_that_depend_on_time(n):
     torch.testing.assert_close(x, z * factor, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("nfe, steps", [(1, 1), (3, 2), (4, 2), (5, 3)])
+def test_heun_spends_an_nfe_budget_of_2n_minus_1(nfe, steps):
+    z = torch.zeros(2, 1, dtype=torch.float64)
+    h, ts = grid(steps)
+    x, used = sf.sample_with(time_field, z, "heun", nfe)
+    assert used == 2 * steps - 1
+    torch.testing.assert_close(x, z + sum(h * (t + h / 2) for t in ts[:-1]) + h * ts[-1], rtol=0, atol=1e-12)
+
+
 def test_two_euler_steps_of_dz_dt_equal_t_by_hand():
     # h = 0.4995, t = 0.001 and 0.5005: Z + 0.4995·0.5015 = Z + 0.25049925 (exact: Z + 0.4999995)
     x, nfe = sf.euler_sample(time_field, torch.zeros(1, 1, dtype=torch.float64), 2)
@@ -397,7 +406,7 @@ def test_flow_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
 def test_reflow_loss_is_zero_for_a_perfect_student_once_beta_is_zero():
     c = torch.tensor([0.5, -1.0], dtype=torch.float64)
     z0 = torch.randn(128, 2, dtype=torch.float64)
-    loss_fn = sf.AnnealingReflowLoss(warmup=10)
+    loss_fn = sf.AnnealingReflowLoss(K=10)
     perfect = lambda x, t: c.expand_as(x)  # noqa: E731 -- the straight coupling Z1 = Z0 + c
     assert loss_fn(perfect, (z0, z0 + c), 10)[0].item() < 1e-20
     assert loss_fn(perfect, (z0, z0 + c), 0)[0].item() > 0.1  # β = 1: independent noise, not the pair
@@ -652,11 +661,15 @@ def teacher_run(tmp_path):
     return tmp_path, (tmp_path / "teacher.pt").read_bytes()
 
 
-def train_toy_teacher(args, objective, data):
-    """sf.train on a fresh mlp-64x2 teacher on args.device, into <args.out>/teacher.pt."""
+TOY_TRAINING = dict(steps=20, batch_size=64, lr=1e-3, lr_warmup=100, grad_clip=1.0, ema_decay=0.999, log_every=10,
+                    ckpt_every=10)  # TINY's, and the toy defaults
+
+
+def train_toy_teacher(out, objective, data, device="cpu", **options):
+    """sf.train on a fresh mlp-64x2 teacher into <out>/teacher.pt, with TINY's settings or `options`."""
     meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
-    return sf.train(sf.build_model("mlp-64x2", (2,)).to(args.device), objective, data, args,
-                    Path(args.out) / "teacher.pt", meta)
+    return sf.train(sf.build_model("mlp-64x2", (2,)).to(device), objective, data, device=device,
+                    checkpoint=Path(out) / "teacher.pt", meta=meta, **{**TOY_TRAINING, **options})
 
 
 def nan_at(bad_step, rank=None):
@@ -668,9 +681,8 @@ def nan_at(bad_step, rank=None):
 
 
 def test_checkpoint_round_trip_gives_the_same_network(tmp_path):
-    args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher"])
     torch.manual_seed(0)
-    ema = train_toy_teacher(args, sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)))
+    ema = train_toy_teacher(tmp_path, sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)))
     loaded = sf.network_from_checkpoint(sf.read_checkpoint(tmp_path / "teacher.pt"), "cpu")
     x, t = torch.randn(7, 2), torch.rand(7)
     assert torch.equal(loaded(x, t), ema(x, t))
@@ -739,11 +751,10 @@ def test_two_training_steps_by_value(tmp_path, ema_decay):
     # is not. lr 0.1 warms up over 4 steps (0.025, 0.05); the EMA decays by
     # min(ema_decay, (1 + n)/(10 + n)) at update n: 2/11, then 0.2 or 3/12
     gradients = [[3.0, 4.0], [0.3, -0.4]]
-    args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher", "--steps", "2", "--lr", "0.1",
-                          "--warmup", "4", "--grad-clip", "1", "--ema-decay", str(ema_decay)])
     objective = lambda net, batch, step: ((net.w * torch.tensor(gradients[step])).sum(), {})  # noqa: E731
     meta = dict(stage="teacher", dataset="8gaussians", model_name="weights", data_shape=[2])
-    sf.train(Weights(), objective, sf.TrainingData(torch.zeros(4, 2)), args, tmp_path / "teacher.pt", meta)
+    sf.train(Weights(), objective, sf.TrainingData(torch.zeros(4, 2)), steps=2, batch_size=4, lr=0.1, lr_warmup=4,
+             grad_clip=1.0, ema_decay=ema_decay, checkpoint=tmp_path / "teacher.pt", meta=meta)
     w1, w2 = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=1.0)
     d1, d2 = min(ema_decay, 2 / 11), min(ema_decay, 3 / 12)
     ema = d2 * (d1 * np.array([1.0, -2.0]) + (1 - d1) * w1) + (1 - d2) * w2
@@ -756,9 +767,8 @@ def test_two_training_steps_by_value(tmp_path, ema_decay):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "teacher", "--ckpt-every", "5"])
     with pytest.raises(sf.TrainingError, match=r"loss is not finite from step 7 on; stopped at step 10.*step 5\)"):
-        train_toy_teacher(args, nan_at(7), sf.TrainingData(torch.randn(100, 2)))
+        train_toy_teacher(tmp_path, nan_at(7), sf.TrainingData(torch.randn(100, 2)), ckpt_every=5)
     ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "teacher.pt.tmp").exists()
@@ -855,7 +865,7 @@ def test_all_stages_on_a_2d_toy(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ["teacher.pt", "pairs.pt", "reflow.pt", "distill.pt", "results.json", "trajectories.png"]:
         assert (tmp_path / name).exists(), name
-    assert "SlimFlow one-step generator" in out and "data floor" in out
+    assert "SlimFlow one-step generator" in out and "SW2 floor" in out
     pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
     assert pairs["z0"].shape == pairs["z1"].shape == (256, 2)
     # every stage resumes as finished: nothing is retrained or rewritten
@@ -874,7 +884,7 @@ def test_the_default_run_s_generator_beats_one_euler_step_of_its_guide(tmp_path)
     # the data than one Euler step of the 2-rectified flow that guides it (0.59x here; 0.68x in
     # the full default run) and than one Euler step of the teacher (0.28x)
     assert sf.main(["--out", str(tmp_path), "--steps", "300", "--num-samples", "2000"]) == 0
-    sw2 = {row["model"]: row["sw2"] for row in json.loads((tmp_path / "results.json").read_text())}
+    sw2 = {row["method"]: row["sw2"] for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
     generator = sw2["SlimFlow one-step generator"]
     assert generator < 0.8 * sw2["2-rectified flow (one Euler step)"]
     assert generator < 0.5 * sw2["teacher, 1-RF (one Euler step)"]
@@ -1222,6 +1232,7 @@ def traflow_mean(f):
 # G' = gamma + kappa'·s, all different, on pairs Z0 = Z1 = 0 (so x_t = 0). Per coordinate:
 #   output       g(0, eps, 1) = (1 - eps)(alpha + kappa): RMSE over coordinates, mean over pairs
 #   velocity     ∂g/∂s = alpha + kappa(2s - t) against v(g, s) = beta + mu(s - t)(alpha + kappa·s)
+#                (plus nu·s where the teacher also reads time: v = beta + nu·t + mu·x)
 #   consistency  g(x_t, t, 1) - g*(x_u, u, 1), with x_u = g(x_t, t, u) (student) or
 #                x_t + (u - t)·v(x_t, t) (teacher), and g* the student under stop-gradient or G'
 ALPHA, KAPPA, BETA, MU, GAMMA, KAPPA_EMA = [0.6, -0.3], 0.8, [-0.4, 0.9], 0.7, [0.2, 0.5], -0.6
@@ -1251,11 +1262,12 @@ def test_traflow_consistency_by_its_closed_form(midpoint, target):
 
 def test_traflow_output_and_velocity_by_their_closed_form():
     torch.manual_seed(0)
-    loss_fn = sf.TraFlowLoss(AffineField(BETA, k=MU), phase_steps=1)
+    nu = -1.5  # the teacher v(x, t) = beta + nu·t + mu·x is read at the jump's end s
+    loss_fn = sf.TraFlowLoss(AffineField(BETA, c=nu, k=MU), phase_steps=1)
     zeros = torch.zeros(200_000, 2, dtype=torch.float64)
     loss, logs = loss_fn(TwoTimeField(ALPHA, KAPPA), (zeros, zeros), 1)  # step 1: output and velocity
     out = math.sqrt(np.mean([((1 - sf.EPS) * (a + KAPPA)) ** 2 for a in ALPHA]))
-    vel = np.mean([traflow_mean(lambda t, s: (ALPHA[j] + KAPPA * (2 * s - t) - BETA[j]
+    vel = np.mean([traflow_mean(lambda t, s: (ALPHA[j] + KAPPA * (2 * s - t) - BETA[j] - nu * s
                                               - MU * (s - t) * (ALPHA[j] + KAPPA * s)) ** 2) for j in range(2)])
     assert set(logs) == {"out", "vel"}
     assert logs["out"].item() == pytest.approx(out, rel=1e-9)
@@ -1296,8 +1308,11 @@ def test_a_two_time_network_starts_as_the_one_time_network():
         two = type(one)(**({"hidden": 16, "depth": 2} if isinstance(one, sf.MLP) else sf.PRESETS["unet-micro"]),
                         two_times=True)
         two.load_state_dict(sf.add_second_time(one.state_dict()))
-        t = torch.rand(len(x))
+        t, s = torch.rand(len(x)), torch.rand(len(x))
         torch.testing.assert_close(two(x, t, t), one(x, t), atol=1e-5, rtol=1e-5)
+        # t and s enter alike, as two halves of one embedding; and s is read
+        torch.testing.assert_close(two(x, t, s), two(x, s, t), atol=1e-5, rtol=1e-5)
+        assert (two(x, t, s) - one(x, t)).abs().max() > 1e-3
 
 
 def test_traflow_velocity_runs_through_channels_last_attention():
@@ -1334,7 +1349,7 @@ def test_traflow_stage_on_a_2d_toy(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cons" in out and "vel" in out  # both phases ran
     for steps in ("1", "2", "4"):
-        assert run(tmp_path, "--stage", "eval", "--from", "traflow", "--steps", steps) == 0
+        assert run(tmp_path, "--stage", "eval", "--from", "traflow", "--nfe", steps) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [metrics[key]["nfe"] for key in ("traflow (1 jump) nfe=1", "traflow (2 jumps) nfe=2",
                                             "traflow (4 jumps) nfe=4")] == [1, 2, 4]
@@ -1354,13 +1369,12 @@ def test_traflow_stage_on_shapes(tmp_path):
 
 def synchronisations(out, steps):
     """How many times train() makes the host wait for the GPU, in CUDA's sync-debug mode."""
-    args = sf.parse_args(["--out", str(out), *TINY, "--stage", "teacher", "--device", "cuda", "--steps", str(steps)])
     data = sf.TrainingData(torch.randn(1000, 2), device="cuda")
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train_toy_teacher(args, sf.RectifiedFlowLoss(), data)
+            train_toy_teacher(out, sf.RectifiedFlowLoss(), data, device="cuda", steps=steps)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -1375,7 +1389,7 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     assert run(tmp_path, "--stage", "teacher", "--precision", "bf16") == 0
     ckpt = torch.load(tmp_path / "teacher.pt", weights_only=True)
     assert ckpt["step"] == 20 and all(v.dtype == torch.float32 for v in ckpt["model"].values())  # fp32 master weights
-    assert ckpt["args"]["precision"] == "bf16"
+    assert ckpt["training"]["precision"] == "bf16"
 
 
 def test_precision_defaults_to_fp32_without_a_bf16_gpu():
@@ -1505,13 +1519,12 @@ class FixedTimeVelocityLoss:
 
 
 def train_fixed_time(out, batch_size):
-    args = sf.parse_args(["--out", str(out), *TINY, "--stage", "reflow", "--batch-size", str(batch_size),
-                          "--ckpt-every", "1000"])
-    sf.start_processes(args)
+    sf.start_processes("cpu")
     torch.manual_seed(0)
     pairs = sf.TrainingData(torch.randn(500, 2), torch.randn(500, 2), seed=5)
     meta = dict(stage="reflow", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
-    sf.train(sf.build_model("mlp-64x2", (2,)), FixedTimeVelocityLoss(), pairs, args, out / "reflow.pt", meta)
+    sf.train(sf.build_model("mlp-64x2", (2,)), FixedTimeVelocityLoss(), pairs,
+             **{**TOY_TRAINING, "batch_size": batch_size, "ckpt_every": 1000}, checkpoint=out / "reflow.pt", meta=meta)
 
 
 def join_two(rank, port):
@@ -1550,10 +1563,9 @@ def test_two_processes_take_the_steps_of_one_process_with_their_global_batch(tmp
 
 def nan_worker(rank, port, out):
     join_two(rank, port)
-    args = sf.parse_args(["--out", str(out), *TINY, "--stage", "teacher", "--ckpt-every", "5"])
-    sf.start_processes(args)
+    sf.start_processes("cpu")
     with pytest.raises(sf.TrainingError, match="not finite from step 7 on; stopped at step 10"):
-        train_toy_teacher(args, nan_at(7, rank=1), sf.TrainingData(torch.randn(100, 2)))
+        train_toy_teacher(out, nan_at(7, rank=1), sf.TrainingData(torch.randn(100, 2)), ckpt_every=5)
     sf.stop_processes()
 
 
@@ -1604,17 +1616,15 @@ def test_two_processes_resume_exactly(tmp_path):
 
 def test_the_toy_notebook_runs_top_to_bottom_in_its_quick_setting(tmp_path, monkeypatch):
     """toy_2d.ipynb as the reader runs it: every code cell in order, in one namespace, with
-    SLIMFLOW_QUICK=1 (tenfold fewer steps and samples); its files go to tmp_path."""
-    import tempfile
-
+    SLIMFLOW_QUICK=1 (tenfold fewer steps and samples). It writes no file."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     monkeypatch.setenv("SLIMFLOW_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the notebook's mkdtemp() lands here
-    monkeypatch.chdir(HERE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(HERE))  # `import slimflow` as from the repository
     cells = json.loads((HERE / "toy_2d.ipynb").read_text(encoding="utf-8"))["cells"]
     namespace = {"__name__": "__main__"}
     with matplotlib.rc_context():  # the notebook's rcParams do not leak into other tests
@@ -1628,4 +1638,4 @@ def test_the_toy_notebook_runs_top_to_bottom_in_its_quick_setting(tmp_path, monk
             finally:
                 plt.close("all")
     assert namespace["QUICK"] and namespace["RESULTS"], "the notebook ran without its quick setting or table"
-    assert list(tmp_path.iterdir()), "the notebook wrote its checkpoints outside the temporary directory"
+    assert not list(tmp_path.iterdir()), "the notebook wrote files where it runs"
