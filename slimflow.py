@@ -1157,8 +1157,10 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise TrainingError(f"[{meta['stage']}] weights are not finite at step {step}; "
                                 f"last good checkpoint: {checkpoint} (step {saved_step})")
+        if not checkpoint:
+            return
         rng = {"data": data.generator.get_state(), "processes": gather(rng_state())}
-        if rank == 0 and checkpoint:
+        if rank == 0:
             save_atomic({"format": "slimflow", **meta, "step": step, "model": net.state_dict(),
                          "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
                          "training": training}, checkpoint)
@@ -1273,8 +1275,7 @@ def data_shape(cfg):
 # Fixed noise has one stream per use, seed + offset, away from the training noise of process
 # r (seed + r). The pairs' noise is training data (the generator learns G(Z0) = Z1 on exactly
 # those Z0), so samples, previews and FID never reuse it.
-NOISE_STREAMS = {"pairs": 10**6, "samples": 10**6 + 1, "report": 10**6 + 2, "trajectories": 10**6 + 3,
-                 "eval": 10**6 + 4}
+NOISE_STREAMS = {"pairs": 10**6, "samples": 10**6 + 1, "trajectories": 10**6 + 3, "eval": 10**6 + 4}
 
 
 def fixed_noise(cfg, n, stream):
