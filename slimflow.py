@@ -1,19 +1,19 @@
 """SlimFlow in one file: small one-step generators trained with rectified flow.
 
 SlimFlow (Zhu, Liu & Liu, ECCV 2024) compresses a diffusion model in two directions at
-once: fewer sampling steps (one) and fewer parameters. The pipeline, in the order this
-file is written and run:
+once: one sampling step, and fewer parameters. The pipeline, in the order it runs:
 
-    teacher   train a 1-rectified flow v1 on the data              (METHOD.md §2)
-    pairs     couple noise Z0 to data Z1 by solving v1's ODE       (§3)
-    reflow    Annealing Reflow: a *small* 2-rectified flow v2      (§4)
-    distill   Flow-Guided Distillation: G(z) = z + u(z, eps)       (§5)
-    sample    draw from any stage's checkpoint with any sampler
+    teacher   a 1-rectified flow v1 learns to carry noise Z0 to data
+    pairs     the teacher's ODE couples each Z0 to a data point Z1
+    reflow    Annealing Reflow: a *small* 2-rectified flow v2 learns the straightened coupling
+    distill   Flow-Guided Distillation: the one-step generator G(z) = z + u(z, eps)
+    traflow   (an alternative to distill) TraFlow: one network jumping in 1, 2 or N steps
 
-`python slimflow.py` runs all of it on a 2-D toy on a CPU in about half a minute;
-`python slimflow.py --dataset cifar10 --stage distill` is one stage of the paper's recipe,
-and `torchrun --nproc_per_node N slimflow.py ...` runs any stage on N GPUs.
-Section numbers (§) refer to METHOD.md, which states every equation used here.
+Part I is the method, in that order; Part II is the machinery (image files, checkpoints,
+several GPUs, evaluation, the command line). `python slimflow.py` runs the whole pipeline
+on a 2-D toy on a CPU in under a minute; `python slimflow.py --dataset cifar10 --stage
+distill` runs one stage of the paper's recipe, and `torchrun --nproc_per_node N
+slimflow.py ...` runs a stage on N GPUs.
 """
 
 import argparse
@@ -39,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import scipy.linalg
 from scipy.integrate import solve_ivp
 
-EPS = 1e-3  # ODE start time and smallest training time (§1)
+EPS = 1e-3  # the ODE's start time and the smallest training time
 
 
 class UsageError(Exception):
@@ -50,15 +50,18 @@ class TrainingError(Exception):
     """Training or solving cannot go on (a NaN loss or velocity): one line, exit status 1."""
 
 
+# =============================================================================
+# PART I: THE METHOD
+# Everything needed to learn SlimFlow, in the order the pipeline runs. The few names it
+# borrows from Part II (reading data, checkpoints, processes) say what they do.
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# 1. Data
-# Noise is always X0 ~ N(0, I). Data X1 are 2-D toy points or images scaled to [-1, 1]
-# (§1). Everything is held in memory and sampled with replacement by a seeded generator of
-# the data's own, so a run is reproducible from its seed, a resumed run draws the same
-# batches, and the processes of a multi-GPU run share one stream of global batches.
+# 1. Noise and data
+# Noise X0 ~ N(0, I) sits at t = 0 and data X1 at t = 1. Images are scaled to [-1, 1] and
+# read in Part II; the 2-D toys below train on a CPU in seconds.
 
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals")
-IMAGE_DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "shapes")
 
 
 def toy_data(name, n, seed=0):
@@ -85,6 +88,696 @@ def toy_data(name, n, seed=0):
     else:
         raise UsageError(f"unknown toy dataset {name!r}; choose from {', '.join(TOY_DATASETS)}")
     return torch.from_numpy(x).float()
+
+
+# -----------------------------------------------------------------------------
+# 2. Networks
+# A velocity field v(x, t) with t of shape (batch,). The U-Net embeds 999·t with the
+# sinusoidal embedding of DDPM, built for integer-like diffusion steps; the toy MLP embeds
+# 10·t. The U-Net is the DDPM++ network of the official code block for block, so the
+# official sizes and checkpoints carry over (named sizes: PRESETS, in Part II).
+
+def time_embedding(t, dim, scale=999.0, max_period=10_000):
+    """Sinusoidal embedding of scale·t: first half sines, second half cosines (at least
+    float32, whatever t's precision)."""
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=t.dtype) / (half - 1))
+    args = scale * t[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class MLP(nn.Module):
+    """Velocity field for 2-D toys: an MLP on (x, embedding of t). Toy MLPs embed 10·t:
+    smooth enough in t for RK45 to take ~50 steps, where 999·t takes ~400.
+    two_times adds an embedding of a second time s (TraFlow) to the first layer."""
+
+    def __init__(self, dim=2, hidden=256, depth=3, temb_dim=64, time_scale=10.0, two_times=False):
+        super().__init__()
+        self.temb_dim, self.time_scale = temb_dim, time_scale
+        widths = [dim + temb_dim] + [hidden] * depth
+        layers = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
+        self.s_proj = nn.Linear(temb_dim, hidden, bias=False) if two_times else None
+
+    def forward(self, x, t, s=None):
+        h = self.net[0](torch.cat([x, time_embedding(t, self.temb_dim, self.time_scale)], dim=1))
+        if s is not None:
+            h = h + self.s_proj(time_embedding(s, self.temb_dim, self.time_scale))
+        return self.net[1:](h)
+
+
+def group_norm(ch):
+    return nn.GroupNorm(min(ch // 4, 32), ch, eps=1e-6)
+
+
+def conv(ch_in, ch_out, kernel=3, zero=False, scale=1.0):
+    """Convolution with the official initialisation: fan-average uniform (Xavier) of
+    variance × scale, zero bias; output convolutions start at zero so that every residual
+    block starts as the identity."""
+    layer = nn.Conv2d(ch_in, ch_out, kernel, padding=kernel // 2)
+    nn.init.zeros_(layer.weight) if zero else nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(scale))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ResBlock(nn.Module):
+    """BigGAN-type residual block: time-conditioned, optionally resampling 2x up or down."""
+
+    def __init__(self, ch_in, ch_out, temb_ch, dropout, resample=None):
+        super().__init__()
+        self.resample = resample
+        self.norm1, self.conv1 = group_norm(ch_in), conv(ch_in, ch_out)
+        self.temb_proj = nn.Linear(temb_ch, ch_out)
+        nn.init.xavier_uniform_(self.temb_proj.weight), nn.init.zeros_(self.temb_proj.bias)
+        self.norm2, self.dropout = group_norm(ch_out), nn.Dropout(dropout)
+        self.conv2 = conv(ch_out, ch_out, zero=True)
+        self.shortcut = conv(ch_in, ch_out, 1) if ch_in != ch_out or resample else None
+
+    def forward(self, x, temb):
+        h = F.silu(self.norm1(x))
+        if self.resample == "up":
+            h, x = F.interpolate(h, scale_factor=2.0), F.interpolate(x, scale_factor=2.0)
+        elif self.resample == "down":
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        h = self.conv1(h) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return (x + h) / math.sqrt(2)  # rescaled skip keeps the variance of deep stacks at 1
+
+
+class Attention(nn.Module):
+    """Self-attention over all positions, single head; the residual is rescaled by 1/√2."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.q, self.k, self.v = (conv(ch, ch, 1, scale=0.1) for _ in range(3))
+        self.proj = conv(ch, ch, 1, zero=True)
+
+    def forward(self, x, temb=None):
+        b, c, hh, ww = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (b, hw, c)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ/√c)·v
+        h = self.proj(h.transpose(1, 2).reshape(b, c, hh, ww))
+        return (x + h) / math.sqrt(2)
+
+
+class UNet(nn.Module):
+    """DDPM++ U-Net of the official (Rectified Flow / SlimFlow) code.
+
+    Level i has nf·ch_mult[i] channels; attention runs at the resolutions in
+    attn_resolutions. All blocks sit in one list, in the order of the official
+    `all_modules` list (time MLP, input conv, blocks, output norm and conv); the down
+    path saves outputs as skip connections, the up path concatenates them to its input."""
+
+    def __init__(self, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
+                 dropout=0.15, image_size=32, in_ch=3, two_times=False):
+        super().__init__()
+        self.nf, temb_ch = nf, 4 * nf
+        self.time_mlp = nn.Sequential(nn.Linear(nf, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        for layer in self.time_mlp[::2]:
+            nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
+        # TraFlow's second time s: embedded like t, added to t's embedding
+        self.s_mlp = copy.deepcopy(self.time_mlp) if two_times else None
+        self.input_conv = conv(in_ch, nf)
+        # skips[i] says what block i does with the skip connections: "push" saves its output,
+        # "pop" concatenates the last saved one to its input, None neither
+        blocks, skips = [], []
+        skip_chs, ch, res = [nf], nf, image_size  # the input conv's output is the first skip
+        for level, mult in enumerate(ch_mult):  # down path
+            for _ in range(num_res_blocks):
+                group = [ResBlock(ch, nf * mult, temb_ch, dropout)]
+                ch = nf * mult
+                if res in attn_resolutions:
+                    group.append(Attention(ch))
+                blocks += group
+                skips += [None] * (len(group) - 1) + ["push"]  # the group's last output is saved
+                skip_chs.append(ch)
+            if level != len(ch_mult) - 1:
+                blocks.append(ResBlock(ch, ch, temb_ch, dropout, resample="down"))
+                skips.append("push")
+                skip_chs.append(ch)
+                res //= 2
+        blocks += [ResBlock(ch, ch, temb_ch, dropout), Attention(ch), ResBlock(ch, ch, temb_ch, dropout)]  # middle
+        skips += [None, None, None]
+        for level, mult in reversed(list(enumerate(ch_mult))):  # up path
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock(ch + skip_chs.pop(), nf * mult, temb_ch, dropout))
+                skips.append("pop")
+                ch = nf * mult
+            if res in attn_resolutions:
+                blocks.append(Attention(ch))
+                skips.append(None)
+            if level != 0:
+                blocks.append(ResBlock(ch, ch, temb_ch, dropout, resample="up"))
+                skips.append(None)
+                res *= 2
+        self.blocks, self.skips = nn.ModuleList(blocks), tuple(skips)
+        self.out_norm, self.out_conv = group_norm(ch), conv(ch, in_ch, zero=True)
+
+    def forward(self, x, t, s=None):
+        temb = self.time_mlp(time_embedding(t, self.nf))
+        if s is not None:
+            temb = temb + self.s_mlp(time_embedding(s, self.nf))
+        h = self.input_conv(x)
+        skips = [h]
+        for block, skip in zip(self.blocks, self.skips):
+            if skip == "pop":
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, temb)
+            if skip == "push":
+                skips.append(h)
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+class OneStepGenerator(nn.Module):
+    """The SlimFlow generator G(z) = z + u(z, eps): u has the 2-rectified flow's
+    architecture and starts from its weights."""
+
+    def __init__(self, u):
+        super().__init__()
+        self.u = u
+
+    def forward(self, z):
+        return z + self.u(z, torch.full((len(z),), EPS, device=z.device))
+
+
+# -----------------------------------------------------------------------------
+# 3. Rectified flow and its samplers
+# X_t = t·X1 + (1 - t)·X0, target velocity X1 - X0, t ~ U[eps, 1]. Samplers solve
+# dZ/dt = v(Z, t) from t = eps to 1 and return (samples, NFE), plus the trajectory
+# (steps + 1, *z.shape) when asked.
+
+def broadcast_time(t, x):
+    return t.view(-1, *[1] * (x.dim() - 1))
+
+
+def interpolate(x0, x1, t):
+    t = broadcast_time(t, x1)
+    return t * x1 + (1 - t) * x0
+
+
+def sample_time(x):
+    """One training time per example of x, uniform on [eps, 1]."""
+    return EPS + (1 - EPS) * torch.rand(len(x), device=x.device, dtype=x.dtype)
+
+
+def _at(t, z):
+    return torch.full((len(z),), float(t), device=z.device, dtype=z.dtype)
+
+
+def _result(x, nfe, path, trajectory):
+    return (x, nfe, torch.stack(path)) if trajectory else (x, nfe)
+
+
+@torch.no_grad()
+def euler_sample(velocity, z, n=1, eps=EPS, trajectory=False):
+    """N uniform Euler steps; NFE = N."""
+    h, x, path = (1 - eps) / n, z, [z]
+    for i in range(n):
+        x = x + h * velocity(x, _at(eps + i * h, x))
+        path.append(x)
+    return _result(x, n, path, trajectory)
+
+
+@torch.no_grad()
+def one_step_sample(velocity, z, eps=EPS, trajectory=False):
+    """X1 ≈ X0 + (1 - eps)·v(X0, eps): exact when the flow's paths are straight."""
+    return euler_sample(velocity, z, 1, eps, trajectory)
+
+
+@torch.no_grad()
+def heun_sample(velocity, z, n=1, eps=EPS, trajectory=False):
+    """N Heun (trapezoidal) steps, the last one plain Euler: NFE = 2N - 1."""
+    h, x, path = (1 - eps) / n, z, [z]
+    for i in range(n):
+        t = eps + i * h
+        d = velocity(x, _at(t, x))
+        if i < n - 1:
+            d = (d + velocity(x + h * d, _at(t + h, x))) / 2
+        x = x + h * d
+        path.append(x)
+    return _result(x, 2 * n - 1, path, trajectory)
+
+
+@torch.no_grad()
+def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
+    """Adaptive Dormand-Prince RK45 from scipy on the flattened batch (the official
+    sampler for teachers and 2-rectified flows); NFE = the solver's function calls.
+    The state lives in float64 on the host, as scipy needs."""
+    def f(t, y):
+        x = torch.from_numpy(y).reshape(z.shape).to(z.device, z.dtype)
+        v = velocity(x, _at(t, x)).double().cpu().numpy().reshape(-1)
+        if not np.isfinite(v).all():  # scipy may never return from a NaN
+            raise TrainingError(f"RK45: the velocity is not finite at t = {t:.4f}; is the network diverged?")
+        return v
+
+    sol = solve_ivp(f, (eps, 1), z.double().cpu().numpy().reshape(-1), method="RK45",
+                    rtol=rtol, atol=atol)
+    if not sol.success:
+        raise TrainingError(f"RK45 failed: {sol.message}")
+    path = torch.from_numpy(sol.y.T).reshape(-1, *z.shape).to(z.device, z.dtype)
+    return _result(path[-1], sol.nfev, list(path), trajectory)
+
+
+SAMPLERS = ("one_step", "euler", "heun", "rk45")
+
+
+def sample_with(velocity, z, sampler, nfe=1, rtol=1e-5, atol=1e-5):
+    """Dispatch by name; nfe is the budget of the fixed-step samplers."""
+    if sampler == "one_step":
+        return one_step_sample(velocity, z)
+    if sampler == "euler":
+        return euler_sample(velocity, z, nfe)
+    if sampler == "heun":
+        return heun_sample(velocity, z, (nfe + 1) // 2)
+    return rk45_sample(velocity, z, rtol=rtol, atol=atol)
+
+
+# -----------------------------------------------------------------------------
+# 4. The objectives
+# One small class per objective, as in EDM's loss.py: called with the network being
+# trained, a batch and the step, each returns (loss, logs). Logs stay tensors on the
+# device until they are printed, so that no training step waits for the host.
+#   RectifiedFlowLoss            the teacher: noise and data paired at random
+#   AnnealingReflowLoss          SlimFlow stage 1: reflow, annealed from random pairs by β(k)
+#   FlowGuidedDistillationLoss   SlimFlow stage 2: the pairs plus the 2-rectified-flow regularizer
+
+def velocity_loss(net, x0, x1):
+    """‖(X1 - X0) - v(X_t, t)‖², averaged, with t ~ U[eps, 1]."""
+    t = sample_time(x1)
+    return (net(interpolate(x0, x1, t), t) - (x1 - x0)).square().mean()
+
+
+class RectifiedFlowLoss:
+    def __call__(self, net, x1, step):
+        return velocity_loss(net, torch.randn_like(x1), x1), {}
+
+
+def annealing_beta(k, K, schedule="linear"):
+    """β(k): 1 at step k = 0 (independent noise), falling to 0 (pure reflow) over K steps.
+    K = 0 is plain reflow from the first step."""
+    if K <= 0:
+        return 0.0
+    r = min(1.0, k / K)
+    if schedule == "linear":
+        return 1.0 - r
+    if schedule == "cosine":
+        return (1.0 + math.cos(math.pi * r)) / 2
+    if schedule == "exponential":
+        return math.exp(-k / K)
+    raise UsageError(f"unknown beta schedule {schedule!r}; choose linear, cosine or exponential")
+
+
+def mix_noise(z0, beta):
+    """X0^β = sqrt(1 - β²)·Z0 + β·ε: still exactly N(0, I) when Z0 is."""
+    return math.sqrt(1 - beta**2) * z0 + beta * torch.randn_like(z0)
+
+
+class AnnealingReflowLoss:
+    """Reflow on (Z0, Z1) whose noise side is blended with fresh noise by β(k): the small
+    student first learns the data from scratch, then gradually the teacher's coupling."""
+
+    def __init__(self, K, schedule="linear"):
+        self.K, self.schedule = K, schedule
+
+    def __call__(self, net, pair, step):
+        z0, z1 = pair
+        beta = annealing_beta(step, self.K, self.schedule)
+        return velocity_loss(net, mix_noise(z0, beta), z1), {"beta": beta}
+
+
+def l2_distance(a, b):
+    return (a - b).square().flatten(1).mean(1)
+
+
+def pseudo_huber_distance(a, b):
+    """sqrt(‖a - b‖² + c²) - c with c = 0.00054·sqrt(d), the constant of improved
+    consistency training: L2 near zero, L1-like for outliers."""
+    c = 0.00054 * math.sqrt(a[0].numel())
+    return ((a - b).square().flatten(1).sum(1) + c**2).sqrt() - c
+
+
+DISTANCES = {"l2": l2_distance, "huber": pseudo_huber_distance}
+
+
+class FlowGuidedDistillationLoss:
+    """L = D(G(Z0), Z1) + λ·D(G(z), target(z)), with G(z) = z + u(z, eps).
+
+    target(z) solves the frozen 2-rectified flow v2 from fresh noise z in two Euler steps
+    split at t' ~ U(0.2, 0.8), under stop-gradient: it teaches G about noise that no stored
+    pair covers. λ = 0 is naive distillation. The first step moves along v2(z, eps) (form
+    "paper") or along the student's own u(z, eps) (form "official", the released code)."""
+
+    def __init__(self, v2, distance=l2_distance, reg_weight=1.0, target_form="official"):
+        self.v2 = v2.eval().requires_grad_(False)
+        self.distance, self.reg_weight, self.target_form = distance, reg_weight, target_form
+
+    @torch.no_grad()
+    def target(self, z, u):
+        t_prime = 0.2 + 0.6 * torch.rand(len(z), device=z.device)
+        velocity = self.v2(z, _at(EPS, z)) if self.target_form == "paper" else u
+        x_prime = z + broadcast_time(t_prime, z) * velocity
+        return x_prime + broadcast_time(1 - t_prime, z) * self.v2(x_prime, t_prime)
+
+    def __call__(self, G, pair, step):
+        z0, z1 = pair
+        pair_loss = self.distance(G(z0), z1).mean()
+        if self.reg_weight == 0:
+            return pair_loss, {"pair": pair_loss.detach()}
+        z = torch.randn_like(z0)
+        x = G(z)
+        u = (x - z).detach()  # u(z, eps), from the call just made
+        reg_loss = self.distance(x, self.target(z, u)).mean()
+        return pair_loss + self.reg_weight * reg_loss, {"pair": pair_loss.detach(), "reg": reg_loss.detach()}
+
+
+# -----------------------------------------------------------------------------
+# 5. TraFlow: trajectory distillation
+# One network G(x_t, t, s) moves a state from time t to any s ≥ t:
+#     g(x_t, t, s) = x_t + (s - t)·G(x_t, t, s)          (so g(x, t, t) = x)
+# so that 1, 2 or N calls of the same network generate. Its targets, from a pre-trained flow v:
+#     output        g(Z0, eps, 1) = Z1 on the teacher's pairs (RMSE of each pair, averaged)
+#     velocity      ∂g(x_t, t, s)/∂s = v(g(x_t, t, s), s), by forward-mode AD in s
+#     consistency   g(x_t, t, 1) = g(x_u, u, 1) for t < u < 1, the target under stop-gradient
+
+def traflow_map(model, x, t, s):
+    """g(x_t, t, s): the state at time s reached from x at time t in one call."""
+    return x + broadcast_time(s - t, x) * model(x, t, s)
+
+
+@torch.no_grad()
+def traflow_sample(model, z, steps=1, eps=EPS):
+    """`steps` jumps of g along a uniform grid from eps to 1; NFE = steps."""
+    grid = [eps + (1 - eps) * i / steps for i in range(steps + 1)]
+    x = z
+    for t, s in zip(grid[:-1], grid[1:]):
+        x = traflow_map(model, x, _at(t, x), _at(s, x))
+    return x, steps
+
+
+class TraFlowLoss:
+    """L = L_out + λ_v·L_vel + λ_c·L_cons on teacher pairs. With phase_steps = K > 0, the
+    first K steps train consistency alone and the rest output + velocity (the paper's two
+    phases). The consistency target's midpoint x_u comes from the student or from one
+    teacher Euler step; the target itself from the student under stop-gradient, or from
+    its EMA copy (target="ema": train() hands the loss its EMA network)."""
+
+    def __init__(self, teacher, lambda_vel=1.0, lambda_cons=1.0, phase_steps=0, midpoint="student",
+                 target="stopgrad"):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.lambda_vel, self.lambda_cons, self.phase_steps = lambda_vel, lambda_cons, phase_steps
+        self.midpoint, self.wants_ema, self.ema = midpoint, target == "ema", None
+
+    def __call__(self, model, pair, step):
+        z0, z1 = pair
+        t = EPS + (1 - EPS) * torch.rand(len(z0), device=z0.device, dtype=z0.dtype)
+        x_t, one = interpolate(z0, z1, t), torch.ones_like(t)
+        later = lambda: t + (1 - t) * torch.rand_like(t)  # noqa: E731 -- a time in (t, 1)
+        losses = {}
+        if self.phase_steps == 0 or step >= self.phase_steps:
+            losses["out"] = l2_distance(traflow_map(model, z0, _at(EPS, z0), one), z1).sqrt().mean()
+            s = later()
+            with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
+                g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
+            with torch.no_grad():
+                v = self.teacher(g, s)
+            losses["vel"] = self.lambda_vel * (dg_ds - v).square().mean()
+        if self.phase_steps == 0 or step < self.phase_steps:
+            u = later()
+            with torch.no_grad():
+                x_u = (traflow_map(model, x_t, t, u) if self.midpoint == "student"
+                       else x_t + broadcast_time(u - t, x_t) * self.teacher(x_t, t))
+                target = traflow_map(self.ema if self.wants_ema else model, x_u, u, one)
+            losses["cons"] = self.lambda_cons * (traflow_map(model, x_t, t, one) - target).square().mean()
+        return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
+
+
+# -----------------------------------------------------------------------------
+# 6. Measuring
+# Sliced Wasserstein-2 compares sample sets of any dimension through 1-D projections,
+# where optimal transport is sorting; the projections are fixed by a seed, so numbers from
+# different runs compare. Straightness measures how far a flow's paths bend. FID compares
+# Gaussians fitted to Inception features of generated and real images (the pipeline that
+# feeds it, with downloads and caches, is in Part II).
+
+def sliced_wasserstein(a, b, num_projections=256, seed=0):
+    """SW2(a, b) = sqrt(E_θ W2²(θᵀa, θᵀb)) over random unit directions θ; a, b: (n, ...)."""
+    a, b = a.flatten(1).double().cpu(), b.flatten(1).double().cpu()
+    if a.shape != b.shape:
+        raise ValueError(f"sliced_wasserstein needs equal-size sets, got {tuple(a.shape)} and {tuple(b.shape)}")
+    theta = torch.randn(a.shape[1], num_projections, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+    theta = theta / theta.norm(dim=0)
+    pa, pb = (a @ theta).sort(dim=0).values, (b @ theta).sort(dim=0).values
+    return (pa - pb).square().mean().sqrt().item()
+
+
+@torch.no_grad()
+def straightness(velocity, z, steps=100, eps=EPS):
+    """S(v) = E ∫ ‖(Z1 - Z0) - v(Z_t, t)‖² dt along v's own trajectories, estimated on
+    an Euler path of `steps` steps from z: 0 when every path is a straight line (and one
+    Euler step is exact), larger the more the paths bend. Our paths run over [eps, 1], so
+    the straight velocity is (Z1 - Z0)/(1 - eps) and the integral is an average over time."""
+    x, _, path = euler_sample(velocity, z, steps, eps, trajectory=True)
+    h = (1 - eps) / steps
+    chord = (x - z) / (1 - eps)  # the constant velocity of the straight path z -> x
+    gaps = [(chord - (b - a) / h).square().flatten(1).sum(1).mean() for a, b in zip(path[:-1], path[1:])]
+    return torch.stack(gaps).mean().item()
+
+
+def fid_inception(weights=None):
+    """The FID Inception network, in eval mode: images in [-1, 1] of any size with 1 or 3
+    channels -> (batch, 2048) features. weights: None (random, for tests), a path or a
+    state dict laid out as pt_inception-2015-12-05-6726825d.pth (FID_WEIGHTS_URL)."""
+    # the TensorFlow graph of 2015 ported to PyTorch: torchvision's Inception3 with three
+    # differences. The pool branches of the A, C and E blocks average without counting the
+    # zero padding, the last E block max-pools there, and the classifier has 1008 outputs.
+    # Features are the 2048-d final pooling.
+    from torchvision.models import inception as tv
+
+    class PaddingFreePool:  # mixin for InceptionA/C/E: redo the pool branch the TF way
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+
+        def _forward(self, x):
+            return super()._forward(x)[:-1] + [self.branch_pool(self.pool(x))]
+
+    class FIDInception(tv.Inception3):
+        def __init__(self):
+            blocks = [tv.BasicConv2d, type("A", (PaddingFreePool, tv.InceptionA), {}), tv.InceptionB,
+                      type("C", (PaddingFreePool, tv.InceptionC), {}), tv.InceptionD,
+                      type("E", (PaddingFreePool, tv.InceptionE), {}), tv.InceptionAux]
+            super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
+            self.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
+
+        def forward(self, x):
+            x = x.float().expand(-1, 3, -1, -1)  # grey -> RGB
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            for layer in list(self.children())[:-1]:  # everything up to the pooled features, not fc
+                x = layer(x)
+            return x.flatten(1)
+
+    net = FIDInception()
+    if weights is not None:
+        load_weights(net, weights, "FID Inception")
+    return net.eval().requires_grad_(False)
+
+
+def gaussian_stats(features):
+    """Mean and covariance (float64) of (n, d) features."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """‖mu1 - mu2‖² + Tr(S1 + S2 - 2·(S1·S2)^½), the Fréchet distance of two Gaussians."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(root).all():  # singular product: nudge both covariances off singularity
+        offset = eps * np.eye(len(sigma1))
+        root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(root):  # round-off leaves tiny imaginary parts; large ones are an error
+        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm(S1·S2) has an imaginary part of {np.abs(root.imag).max():.3g}")
+        root = root.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
+
+
+# -----------------------------------------------------------------------------
+# 7. The training loop
+# Written once; every stage calls it with its own objective. AdamW with a linear warm-up,
+# gradient clipping, and an EMA of the weights, which is what samples. Checkpoints hold all
+# that is needed to continue bit for bit, and a NaN never reaches one. The same loop runs
+# in one process or in several under torchrun (Part II).
+
+@torch.no_grad()
+def update_ema(ema, net, decay):
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)  # one fused call on a GPU
+
+
+def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay=0.0, grad_clip=1.0,
+          ema_decay=0.999, seed=0, device="cpu", precision="fp32", compile=False, checkpoint=None, meta=None,
+          resume=False, log_every=100, ckpt_every=1000, preview=None, preview_every=0):
+    """Minimise objective(model, batch, step) for `steps` AdamW steps; return the EMA of net.
+    batch = data.sample(batch_size), this process's share of the global batch. The learning
+    rate warms up linearly over lr_warmup steps, gradients are clipped to norm grad_clip
+    (0: off), and the EMA decays by min(ema_decay, (1 + n)/(10 + n)) at update n. With a
+    `checkpoint` path, the run is saved there every ckpt_every steps (with meta: stage,
+    dataset, model_name, data_shape), and resume=True continues it. preview(ema, step) runs
+    every preview_every steps."""
+    settings = {k: v for k, v in locals().items() if isinstance(v, (bool, int, float, str))}  # for checkpoints
+    meta, (rank, processes) = meta or {"stage": "train"}, world()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    step, saved = 0, None
+    torch.manual_seed(seed + rank)  # each process its own noise; batches come from data's shared stream
+    if resume and checkpoint and Path(checkpoint).exists():
+        step = saved = resume_training(checkpoint, meta, net, ema, opt, data, seed)
+    if getattr(objective, "wants_ema", False):
+        objective.ema = ema  # e.g. TraFlow's consistency target
+    model = training_view(net, device, compile)  # what the objective calls: net, under DDP and/or compiled
+    net.train()
+    tic, tic_step = time.time(), step
+    # the first step whose loss is not finite, kept on the device: reading it at every step
+    # would make every step wait for the GPU, so it is read before each log, checkpoint and
+    # preview, and a NaN never reaches a checkpoint
+    bad_step = torch.tensor(steps, device=device)  # `steps`: none
+    while step < steps:
+        for group in opt.param_groups:  # linear warm-up of the learning rate
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, lr_warmup))
+        with bf16_autocast(device, precision):
+            loss, logs = objective(model, data.sample(batch_size, rank, processes), step)
+        bad_step = torch.where(torch.isfinite(loss.detach()), bad_step, bad_step.clamp(max=step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        opt.step()
+        step += 1
+        update_ema(ema, net, min(ema_decay, (1 + step) / (10 + step)))  # warm: short runs need it
+
+        log, save = step % log_every == 0 or step == steps, step % ckpt_every == 0 or step == steps
+        show = preview is not None and preview_every and step % preview_every == 0
+        if (log or save or show) and first_bad_step(bad_step) < steps:
+            raise TrainingError(f"[{meta['stage']}] loss is not finite from step {int(bad_step)} on; stopped at "
+                                f"step {step}. {last_good(checkpoint, saved)}")
+        if log:
+            rate = (step - tic_step) / (time.time() - tic)
+            extra = "".join(f"  {k} {v:.4f}" for k, v in logs.items())
+            print(f"[{meta['stage']}] step {step}/{steps}  loss {loss.item():.4f}{extra}  {rate:.1f} it/s",
+                  flush=True)
+        if save:
+            if not all(torch.isfinite(p).all() for p in net.parameters()):
+                raise TrainingError(f"[{meta['stage']}] weights are not finite at step {step}. "
+                                    f"{last_good(checkpoint, saved)}")
+            if checkpoint:
+                save_training(checkpoint, {**meta, "step": step, "model": net.state_dict(), "ema": ema.state_dict(),
+                                           "optimizer": opt.state_dict(), "training": settings}, data)
+                saved = step
+        if show and rank == 0:
+            preview(ema, step)
+    barrier()  # the next stage, in any process, reads the final checkpoint
+    return ema
+
+
+# -----------------------------------------------------------------------------
+# 8. The pipeline, stage by stage
+# Each stage reads what the one before wrote under --out (runs/<dataset>):
+#     teacher.pt -> pairs.pt -> reflow.pt -> distill.pt (or traflow.pt)
+# cfg holds one stage's settings, built in Part II from the defaults and the flags.
+
+def stage_teacher(cfg):
+    """The 1-rectified flow v1: rectified flow on noise and data paired at random."""
+    v1 = build_model(cfg.teacher_model, data_shape(cfg))
+    train_stage(cfg, "teacher", v1, RectifiedFlowLoss(), training_data(cfg),
+                preview=lambda v, z: euler_sample(v, z, 8)[0])
+
+
+def stage_pairs(cfg):
+    """The teacher's coupling: Z0 ~ N(0, I), and Z1 the end of v1's ODE from Z0, by RK45."""
+    v1, _ = load_stage_network(cfg, "teacher")
+    z0 = fixed_noise(cfg, cfg.num_pairs, "pairs")
+    solve_pairs(cfg, z0, lambda z: rk45_sample(v1, z, rtol=cfg.rtol, atol=cfg.atol), v1)  # then saved
+
+
+def stage_reflow(cfg):
+    """Annealing Reflow: a small 2-rectified flow v2, from random weights, on the pairs."""
+    print(f"[reflow] Annealing Reflow: beta {cfg.beta_schedule} over K = {cfg.anneal_steps} steps")
+    v2 = build_model(cfg.model, data_shape(cfg))
+    train_stage(cfg, "reflow", v2, AnnealingReflowLoss(cfg.anneal_steps, cfg.beta_schedule), load_pairs(cfg),
+                preview=lambda v, z: one_step_sample(v, z)[0])
+
+
+def stage_distill(cfg):
+    """Flow-Guided Distillation: G(z) = z + u(z, eps), u starting as v2, guided by v2 frozen."""
+    v2, ckpt = load_stage_network(cfg, "reflow")
+    G = OneStepGenerator(copy.deepcopy(v2).train().requires_grad_(True))
+    objective = FlowGuidedDistillationLoss(v2, distance_named(cfg), cfg.reg_weight, cfg.target_form)
+    print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
+          f"target {cfg.target_form}")
+    train_stage(cfg, "distill", G, objective, load_pairs(cfg), preview=lambda g, z: g(z),
+                model_name=ckpt["model_name"])
+
+
+def stage_traflow(cfg):
+    """TraFlow from the teacher (or from v2: --traflow-from reflow) on its pairs. The student
+    starts as that flow, its s embedding a copy of t's (add_second_time)."""
+    v, ckpt = load_stage_network(cfg, cfg.traflow_from)
+    student = build_model(ckpt["model_name"], data_shape(cfg), two_times=True)
+    student.load_state_dict(add_second_time(v.state_dict()))
+    objective = TraFlowLoss(v, cfg.lambda_vel, cfg.lambda_cons, cfg.traflow_phases, cfg.traflow_midpoint,
+                            cfg.traflow_target)
+    print(f"[traflow] from the {cfg.traflow_from} flow: lambda_vel {cfg.lambda_vel}, lambda_cons "
+          f"{cfg.lambda_cons}, phases {cfg.traflow_phases}, midpoint {cfg.traflow_midpoint}")
+    train_stage(cfg, "traflow", student.train(), objective, load_pairs(cfg),
+                preview=lambda g, z: traflow_sample(g, z, 1)[0], model_name=ckpt["model_name"])
+
+
+def stage_all(cfg):
+    """The whole pipeline; then, on a toy, the table of every model against the data, and on
+    images, samples of each stage. A stage given as a checkpoint (--teacher-ckpt,
+    --init-ckpt) is not trained."""
+    tic = time.time()
+    given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
+    for stage in ("teacher", "pairs", "reflow", "distill"):
+        if given.get(stage):
+            print(f"[all] {stage}: using {given[stage]}")
+        else:
+            run_stage(settings_for(cfg.given, stage))
+    rank = world()[0]
+    stop_processes()  # the report and the samples come from rank 0 alone
+    if rank == 0 and is_toy(cfg):
+        toy_report(cfg)
+    elif rank == 0:
+        for stage in FLOW_STAGES:
+            sampler = "rk45" if stage == "teacher" else "one_step"
+            stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))
+    print(f"[all] done in {time.time() - tic:.0f}s; outputs in {cfg.out}")
+
+
+# =============================================================================
+# PART II: THE MACHINERY
+# Image files, networks by name and the official checkpoints, our checkpoints and the run
+# directory, pairs solved in shards, several processes, sampling and evaluation, the
+# benchmark and the command line. Nothing below changes what is learned.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# 9. Image data
+# Images are held in memory as uint8 and drawn with replacement by a seeded generator of
+# the data's own: a run is reproducible from its seed, a resumed run draws the same
+# batches, and the processes of a multi-GPU run share one stream of global batches.
+
+IMAGE_DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "shapes")
 
 
 def shapes_images(n, size=32, seed=0):
@@ -178,7 +871,7 @@ class TrainingData:
     """Examples held in memory and drawn with replacement by the data's own seeded random
     generator (its state goes into every checkpoint). Several tensors (a reflow pair
     (Z0, Z1)) share the indices and, for images, the same random horizontal flip: a
-    flipped Gaussian is still Gaussian, so a flipped pair is still a valid coupling (§3).
+    flipped Gaussian is still Gaussian, so a flipped pair is still a valid coupling.
 
     The tensors stay in their compact form (uint8 images, float16 pairs) and move to the
     device once when they fit (CIFAR10 is 150 MB as uint8): a batch is then one gather on
@@ -209,172 +902,11 @@ class TrainingData:
 
 
 # -----------------------------------------------------------------------------
-# 2. Networks
-# A velocity field v(x, t) with t of shape (batch,). The U-Net embeds 999·t with the
-# sinusoidal embedding of DDPM (§1, §6), built for integer-like diffusion steps; the toy
-# MLP embeds 10·t.
-# The U-Net is the DDPM++ network of the official code, block for block (§6), so the
-# official parameter counts and checkpoint layouts carry over.
+# 10. Networks by name, and the official checkpoints' names
 
-def time_embedding(t, dim, scale=999.0, max_period=10_000):
-    """Sinusoidal embedding of scale·t: first half sines, second half cosines (at least
-    float32, whatever t's precision)."""
-    t = t.to(torch.promote_types(t.dtype, torch.float32))
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=t.dtype) / (half - 1))
-    args = scale * t[:, None] * freqs[None]
-    return torch.cat([args.sin(), args.cos()], dim=1)
-
-
-class MLP(nn.Module):
-    """Velocity field for 2-D toys: an MLP on (x, embedding of t). Toy MLPs embed 10·t:
-    smooth enough in t for RK45 to take ~50 steps, where 999·t takes ~400.
-    two_times adds an embedding of a second time s (TraFlow, §9) to the first layer."""
-
-    def __init__(self, dim=2, hidden=256, depth=3, temb_dim=64, time_scale=10.0, two_times=False):
-        super().__init__()
-        self.temb_dim, self.time_scale = temb_dim, time_scale
-        widths = [dim + temb_dim] + [hidden] * depth
-        layers = []
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(w_in, w_out), nn.SiLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
-        self.s_proj = nn.Linear(temb_dim, hidden, bias=False) if two_times else None
-
-    def forward(self, x, t, s=None):
-        h = self.net[0](torch.cat([x, time_embedding(t, self.temb_dim, self.time_scale)], dim=1))
-        if s is not None:
-            h = h + self.s_proj(time_embedding(s, self.temb_dim, self.time_scale))
-        return self.net[1:](h)
-
-
-def group_norm(ch):
-    return nn.GroupNorm(min(ch // 4, 32), ch, eps=1e-6)
-
-
-def conv(ch_in, ch_out, kernel=3, zero=False, scale=1.0):
-    """Convolution with the official initialisation: fan-average uniform (Xavier) of
-    variance × scale, zero bias; output convolutions start at zero so that every residual
-    block starts as the identity."""
-    layer = nn.Conv2d(ch_in, ch_out, kernel, padding=kernel // 2)
-    nn.init.zeros_(layer.weight) if zero else nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(scale))
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-class ResBlock(nn.Module):
-    """BigGAN-type residual block: time-conditioned, optionally resampling 2x up or down."""
-
-    def __init__(self, ch_in, ch_out, temb_ch, dropout, resample=None):
-        super().__init__()
-        self.resample = resample
-        self.norm1, self.conv1 = group_norm(ch_in), conv(ch_in, ch_out)
-        self.temb_proj = nn.Linear(temb_ch, ch_out)
-        nn.init.xavier_uniform_(self.temb_proj.weight), nn.init.zeros_(self.temb_proj.bias)
-        self.norm2, self.dropout = group_norm(ch_out), nn.Dropout(dropout)
-        self.conv2 = conv(ch_out, ch_out, zero=True)
-        self.shortcut = conv(ch_in, ch_out, 1) if ch_in != ch_out or resample else None
-
-    def forward(self, x, temb):
-        h = F.silu(self.norm1(x))
-        if self.resample == "up":
-            h, x = F.interpolate(h, scale_factor=2.0), F.interpolate(x, scale_factor=2.0)
-        elif self.resample == "down":
-            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
-        h = self.conv1(h) + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        if self.shortcut is not None:
-            x = self.shortcut(x)
-        return (x + h) / math.sqrt(2)  # rescaled skip keeps the variance of deep stacks at 1
-
-
-class Attention(nn.Module):
-    """Self-attention over all positions, single head; the residual is rescaled by 1/√2."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.norm = group_norm(ch)
-        self.q, self.k, self.v = (conv(ch, ch, 1, scale=0.1) for _ in range(3))
-        self.proj = conv(ch, ch, 1, zero=True)
-
-    def forward(self, x, temb=None):
-        b, c, hh, ww = x.shape
-        h = self.norm(x)
-        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (b, hw, c)
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ/√c)·v
-        h = self.proj(h.transpose(1, 2).reshape(b, c, hh, ww))
-        return (x + h) / math.sqrt(2)
-
-
-class UNet(nn.Module):
-    """DDPM++ U-Net of the official (Rectified Flow / SlimFlow) code, §6.
-
-    Level i has nf·ch_mult[i] channels; attention runs at the resolutions in
-    attn_resolutions. All blocks sit in one list, in the order of the official
-    `all_modules` list (time MLP, input conv, blocks, output norm and conv); the down
-    path saves outputs as skip connections, the up path concatenates them to its input."""
-
-    def __init__(self, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
-                 dropout=0.15, image_size=32, in_ch=3, two_times=False):
-        super().__init__()
-        self.nf, temb_ch = nf, 4 * nf
-        self.time_mlp = nn.Sequential(nn.Linear(nf, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
-        for layer in self.time_mlp[::2]:
-            nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
-        # TraFlow's second time s (§9): embedded like t, added to t's embedding
-        self.s_mlp = copy.deepcopy(self.time_mlp) if two_times else None
-        self.input_conv = conv(in_ch, nf)
-        # skips[i] says what block i does with the skip connections: "push" saves its output,
-        # "pop" concatenates the last saved one to its input, None neither
-        blocks, skips = [], []
-        skip_chs, ch, res = [nf], nf, image_size  # the input conv's output is the first skip
-        for level, mult in enumerate(ch_mult):  # down path
-            for _ in range(num_res_blocks):
-                group = [ResBlock(ch, nf * mult, temb_ch, dropout)]
-                ch = nf * mult
-                if res in attn_resolutions:
-                    group.append(Attention(ch))
-                blocks += group
-                skips += [None] * (len(group) - 1) + ["push"]  # the group's last output is saved
-                skip_chs.append(ch)
-            if level != len(ch_mult) - 1:
-                blocks.append(ResBlock(ch, ch, temb_ch, dropout, resample="down"))
-                skips.append("push")
-                skip_chs.append(ch)
-                res //= 2
-        blocks += [ResBlock(ch, ch, temb_ch, dropout), Attention(ch), ResBlock(ch, ch, temb_ch, dropout)]  # middle
-        skips += [None, None, None]
-        for level, mult in reversed(list(enumerate(ch_mult))):  # up path
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(ch + skip_chs.pop(), nf * mult, temb_ch, dropout))
-                skips.append("pop")
-                ch = nf * mult
-            if res in attn_resolutions:
-                blocks.append(Attention(ch))
-                skips.append(None)
-            if level != 0:
-                blocks.append(ResBlock(ch, ch, temb_ch, dropout, resample="up"))
-                skips.append(None)
-                res *= 2
-        self.blocks, self.skips = nn.ModuleList(blocks), tuple(skips)
-        self.out_norm, self.out_conv = group_norm(ch), conv(ch, in_ch, zero=True)
-
-    def forward(self, x, t, s=None):
-        temb = self.time_mlp(time_embedding(t, self.nf))
-        if s is not None:
-            temb = temb + self.s_mlp(time_embedding(s, self.nf))
-        h = self.input_conv(x)
-        skips = [h]
-        for block, skip in zip(self.blocks, self.skips):
-            if skip == "pop":
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, temb)
-            if skip == "push":
-                skips.append(h)
-        return self.out_conv(F.silu(self.out_norm(h)))
-
-
-# Named sizes. U-Nets: the official CIFAR10 networks (§6) and two tiny ones for CPU demos
+# Named sizes. U-Nets: the official CIFAR10 networks and two tiny ones for CPU demos and
+# tests. MLPs: toy teachers and students.
+# Named sizes. U-Nets: the official CIFAR10 networks and two tiny ones for CPU demos
 # and tests. MLPs: toy teachers and students.
 PRESETS = {
     "rf-61.8m": dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4),
@@ -392,6 +924,39 @@ MLP_PRESETS = {
     "mlp-64x2": dict(hidden=64, depth=2),
     "mlp-32x2": dict(hidden=32, depth=2),
 }
+
+
+def build_model(name, data_shape, two_times=False):
+    """A network from a preset name for data of shape (2,) or (c, h, w)."""
+    if name in MLP_PRESETS and len(data_shape) == 1:
+        return MLP(dim=data_shape[0], **MLP_PRESETS[name], two_times=two_times)
+    if name in PRESETS and len(data_shape) == 3:
+        return UNet(**PRESETS[name], in_ch=data_shape[0], image_size=data_shape[-1], two_times=two_times)
+    kind, names = ("toy", MLP_PRESETS) if len(data_shape) == 1 else ("image", PRESETS)
+    raise UsageError(f"model {name!r} does not fit {kind} data; choose from {', '.join(names)}")
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def add_second_time(state_dict):
+    """A one-time network's weights for its two-time (TraFlow) twin: the t embedding is
+    copied to s and both halves of the sum are halved, so that s = t reproduces the
+    one-time network exactly."""
+    state = dict(state_dict)
+    if "time_mlp.0.weight" in state:  # U-Net: temb = time_mlp(t)/2 + s_mlp(s)/2 at the start
+        for key in [k for k in state if k.startswith("time_mlp.")]:
+            state[key.replace("time_mlp.", "s_mlp.")] = state[key].clone()
+        for key in ("time_mlp.2.weight", "time_mlp.2.bias", "s_mlp.2.weight", "s_mlp.2.bias"):
+            state[key] = state[key] / 2
+    else:  # MLP: the first layer's columns that read t's embedding (after the data's)
+        last = max((k for k in state if k.startswith("net.") and k.endswith(".weight")),
+                   key=lambda k: int(k.split(".")[1]))
+        dim, w = state[last].shape[0], state["net.0.weight"].clone()
+        w[:, dim:] /= 2
+        state["net.0.weight"], state["s_proj.weight"] = w, w[:, dim:].clone()
+    return state
 
 
 # Official checkpoints (the Rectified Flow and SlimFlow code) name the U-Net's modules by
@@ -461,504 +1026,10 @@ def to_official(state_dict):
     return out
 
 
-def build_model(name, data_shape, two_times=False):
-    """A network from a preset name for data of shape (2,) or (c, h, w)."""
-    if name in MLP_PRESETS and len(data_shape) == 1:
-        return MLP(dim=data_shape[0], **MLP_PRESETS[name], two_times=two_times)
-    if name in PRESETS and len(data_shape) == 3:
-        return UNet(**PRESETS[name], in_ch=data_shape[0], image_size=data_shape[-1], two_times=two_times)
-    kind, names = ("toy", MLP_PRESETS) if len(data_shape) == 1 else ("image", PRESETS)
-    raise UsageError(f"model {name!r} does not fit {kind} data; choose from {', '.join(names)}")
-
-
-def add_second_time(state_dict):
-    """A one-time network's weights for its two-time (TraFlow) twin: the t embedding is
-    copied to s and both halves of the sum are halved, so that s = t reproduces the
-    one-time network exactly."""
-    state = dict(state_dict)
-    if "time_mlp.0.weight" in state:  # U-Net: temb = time_mlp(t)/2 + s_mlp(s)/2 at the start
-        for key in [k for k in state if k.startswith("time_mlp.")]:
-            state[key.replace("time_mlp.", "s_mlp.")] = state[key].clone()
-        for key in ("time_mlp.2.weight", "time_mlp.2.bias", "s_mlp.2.weight", "s_mlp.2.bias"):
-            state[key] = state[key] / 2
-    else:  # MLP: the first layer's columns that read t's embedding (after the data's)
-        last = max((k for k in state if k.startswith("net.") and k.endswith(".weight")),
-                   key=lambda k: int(k.split(".")[1]))
-        dim, w = state[last].shape[0], state["net.0.weight"].clone()
-        w[:, dim:] /= 2
-        state["net.0.weight"], state["s_proj.weight"] = w, w[:, dim:].clone()
-    return state
-
-
-def num_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-class OneStepGenerator(nn.Module):
-    """The SlimFlow generator G(z) = z + u(z, eps) (§5); u has the 2-rectified flow's
-    architecture and starts from its weights."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, z):
-        return z + self.net(z, torch.full((len(z),), EPS, device=z.device))
-
-
 # -----------------------------------------------------------------------------
-# 3. Flow and samplers
-# X_t = t·X1 + (1 - t)·X0, target velocity X1 - X0, t ~ U[eps, 1] (§1). Samplers solve
-# dZ/dt = v(Z, t) from t = eps to 1 and return (samples, NFE), plus the trajectory
-# (steps + 1, *z.shape) when asked.
-
-def broadcast_time(t, x):
-    return t.view(-1, *[1] * (x.dim() - 1))
-
-
-def interpolate(x0, x1, t):
-    t = broadcast_time(t, x1)
-    return t * x1 + (1 - t) * x0
-
-
-def sample_time(x):
-    """One training time per example of x, uniform on [eps, 1]."""
-    return EPS + (1 - EPS) * torch.rand(len(x), device=x.device, dtype=x.dtype)
-
-
-def _at(t, z):
-    return torch.full((len(z),), float(t), device=z.device, dtype=z.dtype)
-
-
-def _result(x, nfe, path, trajectory):
-    return (x, nfe, torch.stack(path)) if trajectory else (x, nfe)
-
-
-@torch.no_grad()
-def euler_sample(velocity, z, n=1, eps=EPS, trajectory=False):
-    """N uniform Euler steps; NFE = N."""
-    h, x, path = (1 - eps) / n, z, [z]
-    for i in range(n):
-        x = x + h * velocity(x, _at(eps + i * h, x))
-        path.append(x)
-    return _result(x, n, path, trajectory)
-
-
-@torch.no_grad()
-def one_step_sample(velocity, z, eps=EPS, trajectory=False):
-    """X1 ≈ X0 + (1 - eps)·v(X0, eps): exact when the flow's paths are straight."""
-    return euler_sample(velocity, z, 1, eps, trajectory)
-
-
-@torch.no_grad()
-def heun_sample(velocity, z, n=1, eps=EPS, trajectory=False):
-    """N Heun (trapezoidal) steps, the last one plain Euler: NFE = 2N - 1."""
-    h, x, path = (1 - eps) / n, z, [z]
-    for i in range(n):
-        t = eps + i * h
-        d = velocity(x, _at(t, x))
-        if i < n - 1:
-            d = (d + velocity(x + h * d, _at(t + h, x))) / 2
-        x = x + h * d
-        path.append(x)
-    return _result(x, 2 * n - 1, path, trajectory)
-
-
-@torch.no_grad()
-def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
-    """Adaptive Dormand-Prince RK45 from scipy on the flattened batch (the official
-    sampler for teachers and 2-rectified flows); NFE = the solver's function calls.
-    The state lives in float64 on the host, as scipy needs."""
-    def f(t, y):
-        x = torch.from_numpy(y).reshape(z.shape).to(z.device, z.dtype)
-        v = velocity(x, _at(t, x)).double().cpu().numpy().reshape(-1)
-        if not np.isfinite(v).all():  # scipy may never return from a NaN
-            raise TrainingError(f"RK45: the velocity is not finite at t = {t:.4f}; is the network diverged?")
-        return v
-
-    sol = solve_ivp(f, (eps, 1), z.double().cpu().numpy().reshape(-1), method="RK45",
-                    rtol=rtol, atol=atol)
-    if not sol.success:
-        raise TrainingError(f"RK45 failed: {sol.message}")
-    path = torch.from_numpy(sol.y.T).reshape(-1, *z.shape).to(z.device, z.dtype)
-    return _result(path[-1], sol.nfev, list(path), trajectory)
-
-
-SAMPLERS = ("one_step", "euler", "heun", "rk45")
-
-
-def sample_with(velocity, z, sampler, nfe=1, rtol=1e-5, atol=1e-5):
-    """Dispatch by name; nfe is the budget of the fixed-step samplers."""
-    if sampler == "one_step":
-        return one_step_sample(velocity, z)
-    if sampler == "euler":
-        return euler_sample(velocity, z, nfe)
-    if sampler == "heun":
-        return heun_sample(velocity, z, (nfe + 1) // 2)
-    return rk45_sample(velocity, z, rtol=rtol, atol=atol)
-
-
-# -----------------------------------------------------------------------------
-# 4. SlimFlow losses
-# One small class per objective (as in EDM's loss.py): called with the network being
-# trained, a batch and the step, each returns (loss, logs); the logs stay tensors on the
-# device until they are printed, so that no training step waits for the host.
-#   RectifiedFlowLoss            the 1-rectified flow, random pairing (§2)
-#   AnnealingReflowLoss          SlimFlow stage 1, β(k) from 1 to 0 (§4)
-#   FlowGuidedDistillationLoss   SlimFlow stage 2, pairs + 2-RF regularization (§5)
-
-def velocity_loss(net, x0, x1):
-    """‖(X1 - X0) - v(X_t, t)‖², averaged, with t ~ U[eps, 1]."""
-    t = sample_time(x1)
-    return (net(interpolate(x0, x1, t), t) - (x1 - x0)).square().mean()
-
-
-class RectifiedFlowLoss:
-    def __call__(self, net, x1, step):
-        return velocity_loss(net, torch.randn_like(x1), x1), {}
-
-
-def annealing_beta(k, K, schedule="linear"):
-    """β(k): 1 at step k = 0 (independent noise), falling to 0 (pure reflow) over K steps.
-    K = 0 is plain reflow from the first step."""
-    if K <= 0:
-        return 0.0
-    r = min(1.0, k / K)
-    if schedule == "linear":
-        return 1.0 - r
-    if schedule == "cosine":
-        return (1.0 + math.cos(math.pi * r)) / 2
-    if schedule == "exponential":
-        return math.exp(-k / K)
-    raise UsageError(f"unknown beta schedule {schedule!r}; choose linear, cosine or exponential")
-
-
-def mix_noise(z0, beta):
-    """X0^β = sqrt(1 - β²)·Z0 + β·ε: still exactly N(0, I) when Z0 is."""
-    return math.sqrt(1 - beta**2) * z0 + beta * torch.randn_like(z0)
-
-
-class AnnealingReflowLoss:
-    """Reflow on (Z0, Z1) whose noise side is blended with fresh noise by β(k): the small
-    student first learns the data from scratch, then gradually the teacher's coupling."""
-
-    def __init__(self, K, schedule="linear"):
-        self.K, self.schedule = K, schedule
-
-    def __call__(self, net, pair, step):
-        z0, z1 = pair
-        beta = annealing_beta(step, self.K, self.schedule)
-        return velocity_loss(net, mix_noise(z0, beta), z1), {"beta": beta}
-
-
-def l2_distance(a, b):
-    return (a - b).square().flatten(1).mean(1)
-
-
-def pseudo_huber_distance(a, b):
-    """sqrt(‖a - b‖² + c²) - c with c = 0.00054·sqrt(d), the constant of improved
-    consistency training: L2 near zero, L1-like for outliers."""
-    c = 0.00054 * math.sqrt(a[0].numel())
-    return ((a - b).square().flatten(1).sum(1) + c**2).sqrt() - c
-
-
-def lpips_distance(device):
-    try:
-        import lpips
-    except ImportError:
-        raise UsageError("--distance lpips needs the lpips package (pip install lpips); "
-                         "or use --distance l2 or huber") from None
-    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
-
-    def distance(a, b):  # LPIPS works at 224x224, as in the official code
-        a, b = (F.interpolate(x.expand(-1, 3, -1, -1), size=224, mode="bilinear") for x in (a, b))  # grey -> RGB
-        return net(a, b).flatten()
-    return distance
-
-
-DISTANCES = {"l2": l2_distance, "huber": pseudo_huber_distance}
-
-
-class FlowGuidedDistillationLoss:
-    """L = D(G(Z0), Z1) + λ·D(G(z), target(z)) (§5).
-
-    target(z) is a two-step Euler solution of the frozen 2-rectified flow v2 from fresh
-    noise, split at t' ~ U(0.2, 0.8) and under stop-gradient; it teaches the generator
-    about noise that no stored pair covers. λ = 0 is naive distillation. The first half
-    step uses v2 ("paper") or the student's own u ("official", the released code)."""
-
-    def __init__(self, guide, distance=l2_distance, reg_weight=1.0, target_form="official"):
-        self.guide = guide.eval().requires_grad_(False)
-        self.distance, self.reg_weight, self.target_form = distance, reg_weight, target_form
-
-    @torch.no_grad()
-    def target(self, z, student_u):
-        t = 0.2 + 0.6 * torch.rand(len(z), device=z.device)
-        first = self.guide(z, _at(EPS, z)) if self.target_form == "paper" else student_u
-        x_mid = z + broadcast_time(t, z) * first
-        return x_mid + broadcast_time(1 - t, z) * self.guide(x_mid, t)
-
-    def __call__(self, generator, pair, step):
-        z0, z1 = pair
-        pair_loss = self.distance(generator(z0), z1).mean()
-        if self.reg_weight == 0:
-            return pair_loss, {"pair": pair_loss.detach()}
-        z = torch.randn_like(z0)
-        x = generator(z)
-        reg_loss = self.distance(x, self.target(z, (x - z).detach())).mean()
-        return pair_loss + self.reg_weight * reg_loss, {"pair": pair_loss.detach(), "reg": reg_loss.detach()}
-
-
-# -----------------------------------------------------------------------------
-# 5. TraFlow: trajectory distillation (§9)
-# One network G(x_t, t, s) moves a state from time t to any s ≥ t:
-#     g(x_t, t, s) = x_t + (s - t)·G(x_t, t, s)          (so g(x, t, t) = x)
-# so that 1, 2 or N calls of the same network generate. Its targets, from a pre-trained flow v:
-#     output        g(Z0, eps, 1) = Z1 on the teacher's pairs (RMSE of each pair, averaged)
-#     velocity      ∂g(x_t, t, s)/∂s = v(g(x_t, t, s), s), by forward-mode AD in s
-#     consistency   g(x_t, t, 1) = g(x_u, u, 1) for t < u < 1, the target under stop-gradient
-
-def traflow_map(model, x, t, s):
-    """g(x_t, t, s): the state at time s reached from x at time t in one call."""
-    return x + broadcast_time(s - t, x) * model(x, t, s)
-
-
-@torch.no_grad()
-def traflow_sample(model, z, steps=1, eps=EPS):
-    """`steps` jumps of g along a uniform grid from eps to 1; NFE = steps."""
-    grid = [eps + (1 - eps) * i / steps for i in range(steps + 1)]
-    x = z
-    for t, s in zip(grid[:-1], grid[1:]):
-        x = traflow_map(model, x, _at(t, x), _at(s, x))
-    return x, steps
-
-
-class TraFlowLoss:
-    """L = L_out + λ_v·L_vel + λ_c·L_cons on teacher pairs. With phase_steps = K > 0, the
-    first K steps train consistency alone and the rest output + velocity (the paper's two
-    phases). The consistency target's midpoint x_u comes from the student or from one
-    teacher Euler step; the target itself from the student under stop-gradient, or from
-    its EMA copy (target="ema": train() hands the loss its EMA network)."""
-
-    def __init__(self, teacher, lambda_vel=1.0, lambda_cons=1.0, phase_steps=0, midpoint="student",
-                 target="stopgrad"):
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.lambda_vel, self.lambda_cons, self.phase_steps = lambda_vel, lambda_cons, phase_steps
-        self.midpoint, self.wants_ema, self.ema = midpoint, target == "ema", None
-
-    def __call__(self, model, pair, step):
-        z0, z1 = pair
-        t = EPS + (1 - EPS) * torch.rand(len(z0), device=z0.device, dtype=z0.dtype)
-        x_t, one = interpolate(z0, z1, t), torch.ones_like(t)
-        later = lambda: t + (1 - t) * torch.rand_like(t)  # noqa: E731 -- a time in (t, 1)
-        losses = {}
-        if self.phase_steps == 0 or step >= self.phase_steps:
-            losses["out"] = l2_distance(traflow_map(model, z0, _at(EPS, z0), one), z1).sqrt().mean()
-            s = later()
-            with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
-                g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
-            with torch.no_grad():
-                v = self.teacher(g, s)
-            losses["vel"] = self.lambda_vel * (dg_ds - v).square().mean()
-        if self.phase_steps == 0 or step < self.phase_steps:
-            u = later()
-            with torch.no_grad():
-                x_u = (traflow_map(model, x_t, t, u) if self.midpoint == "student"
-                       else x_t + broadcast_time(u - t, x_t) * self.teacher(x_t, t))
-                target = traflow_map(self.ema if self.wants_ema else model, x_u, u, one)
-            losses["cons"] = self.lambda_cons * (traflow_map(model, x_t, t, one) - target).square().mean()
-        return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
-
-
-# -----------------------------------------------------------------------------
-# 6. Metrics
-# Sliced Wasserstein-2 compares sample sets of any dimension through 1-D projections,
-# where optimal transport is sorting; the projections are fixed by a seed so that
-# numbers from different runs are comparable. Straightness measures how far a flow's
-# paths bend (§2). FID (§8) compares Gaussians fitted to Inception features of generated
-# and real images. count_macs counts a network's multiply-accumulates by forward hooks.
-
-def sliced_wasserstein(a, b, num_projections=256, seed=0):
-    """SW2(a, b) = sqrt(E_θ W2²(θᵀa, θᵀb)) over random unit directions θ; a, b: (n, ...)."""
-    a, b = a.flatten(1).double().cpu(), b.flatten(1).double().cpu()
-    if a.shape != b.shape:
-        raise ValueError(f"sliced_wasserstein needs equal-size sets, got {tuple(a.shape)} and {tuple(b.shape)}")
-    theta = torch.randn(a.shape[1], num_projections, generator=torch.Generator().manual_seed(seed),
-                        dtype=torch.float64)
-    theta = theta / theta.norm(dim=0)
-    pa, pb = (a @ theta).sort(dim=0).values, (b @ theta).sort(dim=0).values
-    return (pa - pb).square().mean().sqrt().item()
-
-
-@torch.no_grad()
-def straightness(velocity, z, steps=100, eps=EPS):
-    """S(v) = E ∫ ‖(Z1 - Z0) - v(Z_t, t)‖² dt along v's own trajectories (§2), estimated on
-    an Euler path of `steps` steps from z: 0 when every path is a straight line (and one
-    Euler step is exact), larger the more the paths bend. Our paths run over [eps, 1], so
-    the straight velocity is (Z1 - Z0)/(1 - eps) and the integral is an average over time."""
-    x, _, path = euler_sample(velocity, z, steps, eps, trajectory=True)
-    h = (1 - eps) / steps
-    chord = (x - z) / (1 - eps)  # the constant velocity of the straight path z -> x
-    gaps = [(chord - (b - a) / h).square().flatten(1).sum(1).mean() for a, b in zip(path[:-1], path[1:])]
-    return torch.stack(gaps).mean().item()
-
-
-# FID's Inception-v3 is the TensorFlow graph of 2015 ported to PyTorch (the weights file
-# below): torchvision's Inception3 with three differences. The pool branches of the A, C
-# and E blocks average without counting the zero padding, the last E block max-pools
-# there, and the classifier has 1008 outputs. Features are the 2048-d final pooling.
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-
-
-def fid_inception(weights=None):
-    """The FID Inception network, in eval mode: images in [-1, 1] of any size with 1 or 3
-    channels -> (batch, 2048) features. weights: None (random, for tests), a path or a
-    state dict laid out as pt_inception-2015-12-05-6726825d.pth."""
-    from torchvision.models import inception as tv
-
-    class PaddingFreePool:  # mixin for InceptionA/C/E: redo the pool branch the TF way
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
-
-        def _forward(self, x):
-            return super()._forward(x)[:-1] + [self.branch_pool(self.pool(x))]
-
-    class FIDInception(tv.Inception3):
-        def __init__(self):
-            blocks = [tv.BasicConv2d, type("A", (PaddingFreePool, tv.InceptionA), {}), tv.InceptionB,
-                      type("C", (PaddingFreePool, tv.InceptionC), {}), tv.InceptionD,
-                      type("E", (PaddingFreePool, tv.InceptionE), {}), tv.InceptionAux]
-            super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
-            self.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
-
-        def forward(self, x):
-            x = x.float().expand(-1, 3, -1, -1)  # grey -> RGB
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            for layer in list(self.children())[:-1]:  # everything up to the pooled features, not fc
-                x = layer(x)
-            return x.flatten(1)
-
-    net = FIDInception()
-    if weights is not None:
-        state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
-        try:  # the published file predates BatchNorm's num_batches_tracked counters
-            result = net.load_state_dict(state, strict=False)
-        except RuntimeError as err:
-            raise ValueError(f"FID Inception weights do not fit the network: {err}") from None
-        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"FID Inception weights do not fit: missing {missing[:5]}, "
-                             f"unexpected {result.unexpected_keys[:5]}")
-    return net.eval().requires_grad_(False)
-
-
-def fid_weights_path(cache_dir):
-    """The FID Inception weights in cache_dir, downloaded once; offline, a clear error."""
-    import urllib.request
-    path = Path(cache_dir) / FID_WEIGHTS_URL.rsplit("/", 1)[1]
-    if path.exists():
-        return path
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=20) as response:  # never hang offline
-            tmp.write_bytes(response.read())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"could not download the FID Inception weights ({err}); download {FID_WEIGHTS_URL} "
-                         f"and put it at {path.resolve()}, or pass --fid-weights PATH") from None
-    return path
-
-
-def gaussian_stats(features):
-    """Mean and covariance (float64) of (n, d) features."""
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """‖mu1 - mu2‖² + Tr(S1 + S2 - 2·(S1·S2)^½), the Fréchet distance of two Gaussians."""
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(root).all():  # singular product: nudge both covariances off singularity
-        offset = eps * np.eye(len(sigma1))
-        root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(root):  # round-off leaves tiny imaginary parts; large ones are an error
-        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(S1·S2) has an imaginary part of {np.abs(root.imag).max():.3g}")
-        root = root.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
-
-
-@torch.no_grad()
-def image_features(extractor, batches, device, what):
-    """Features of every batch of [-1, 1] images, with a progress line."""
-    feats, done, tic = [], 0, time.time()
-    for x in batches:
-        feats.append(extractor(x.to(device).clamp(-1, 1)).double().cpu())
-        done += len(x)
-        print(f"\r[fid] {what}: {done} images  {done / (time.time() - tic):.0f} img/s", end="", flush=True)
-    print()
-    return torch.cat(feats).numpy()
-
-
-def count_macs(model, *inputs):
-    """Multiply-accumulates per sample of model(*inputs), by forward hooks: `conv` and
-    `linear` layers outside attention, `attention` for everything inside attention blocks
-    (q/k/v/output projections and the two matrix products), and their `total`."""
-    counts = {"conv": 0, "linear": 0, "attention": 0}
-    batch = len(inputs[0])
-    inside = {m for block in model.modules() if isinstance(block, Attention) for m in block.modules()}
-
-    def hook(module, args, out):
-        if isinstance(module, nn.Conv2d):
-            macs = out.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
-        elif isinstance(module, nn.Linear):
-            macs = out.numel() * module.in_features
-        else:  # an attention block: q·kᵀ and weights·v, each (hw)²·c
-            b, c, h, w = out.shape
-            macs = 2 * b * (h * w) ** 2 * c
-        key = "attention" if module in inside else "conv" if isinstance(module, nn.Conv2d) else "linear"
-        counts[key] += macs // batch
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, Attention))]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {**counts, "total": sum(counts.values())}
-
-
-def samples_per_second(sample_fn, z, repeats=3):
-    """Throughput of sample_fn on the batch z (best of a few timed runs, after a warm-up)."""
-    sample_fn(z)
-    best = float("inf")
-    for _ in range(repeats):
-        if z.is_cuda:
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        sample_fn(z)
-        if z.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - tic)
-    return len(z) / best
-
-
-# -----------------------------------------------------------------------------
-# 7. Training loop
-# Written once; every stage calls it with its own objective. AdamW with linear warm-up,
-# gradient clipping, an EMA of the weights (used for sampling), atomic checkpoints that
-# hold everything needed to continue bit for bit (weights, EMA, optimizer, step, and the
-# random state of the data and of every process). The same loop runs in one process or
-# in several under torchrun.
+# 11. Checkpoints
+# Written atomically; a slimflow checkpoint holds the weights, the EMA, the optimizer, the
+# step, the training settings and the random state of the data and of every process.
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves half a file, and a
@@ -972,6 +1043,41 @@ def save_atomic(obj, path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_training(path, state, data):
+    """A training checkpoint (state: meta, step, weights, EMA, optimizer, settings) with every
+    random state a bit-exact continuation needs; rank 0 writes it."""
+    rng = {"data": data.generator.get_state(), "processes": gather(rng_state())}
+    if world()[0] == 0:
+        save_atomic({"format": "slimflow", **state, "rng": rng}, path)
+
+
+def resume_training(checkpoint, meta, net, ema, opt, data, seed):
+    """Load a training checkpoint into net, ema, opt and the data's and processes' random
+    states; returns its step."""
+    rank, processes = world()
+    ckpt = read_checkpoint(checkpoint)
+    check_compatible(ckpt, checkpoint, meta.get("dataset"), meta.get("model_name"))
+    net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if "data" not in ckpt["rng"]:
+        raise UsageError(f"{checkpoint} was written by an older slimflow and cannot be continued exactly; "
+                         f"pass --overwrite to start over")
+    data.generator.set_state(ckpt["rng"]["data"])
+    step = ckpt["step"]
+    if len(ckpt["rng"]["processes"]) == processes:
+        set_rng_state(ckpt["rng"]["processes"][rank])
+    else:  # the data stream continues (in global batches of another size); the noise cannot
+        torch.manual_seed(seed + rank + processes * step)
+        print(f"[{meta['stage']}] the checkpoint was written by {len(ckpt['rng']['processes'])} "
+              f"processes, this run has {processes}: the noise streams restart")
+    print(f"[{meta['stage']}] resumed from {checkpoint} at step {step}")
+    return step
+
+
+def last_good(checkpoint, saved):
+    return f"Last good checkpoint: {checkpoint} (step {saved})" if saved is not None else "No checkpoint was written."
 
 
 def read_checkpoint(path, made_by=None, official_ok=False):
@@ -1044,204 +1150,29 @@ def load_checkpoint(path, model, ckpt=None):
     return model
 
 
+def load_weights(net, weights, what):
+    """A state dict (or a file of one) into net, tolerating the BatchNorm counters that files
+    older than them lack; a mismatch is a ValueError naming `what`."""
+    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"{what} weights do not fit the network: {err}") from None
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{what} weights do not fit: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
 def network_from_checkpoint(ckpt, device):
-    """The EMA network stored in a slimflow checkpoint (an OneStepGenerator for distill)."""
+    """The EMA network stored in a slimflow checkpoint (a OneStepGenerator for distill)."""
     net = build_model(ckpt["model_name"], tuple(ckpt["data_shape"]), two_times=ckpt["stage"] == "traflow")
-    if ckpt["stage"] == "distill":
-        net = OneStepGenerator(net)
+    net = OneStepGenerator(net) if ckpt["stage"] == "distill" else net
     net.load_state_dict(ckpt["ema"])
     return net.to(device).eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def update_ema(ema, net, decay):
-    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)  # one fused call on a GPU
-
-
-# Several processes (torchrun --nproc_per_node N slimflow.py ...): one per GPU, NCCL between
-# them (gloo on CPUs). Every process holds the same network; each computes the loss on its
-# own slice of the global batch (batch_size·N examples drawn from the data's shared
-# stream) with its own noise (seed + rank), and DistributedDataParallel averages the
-# gradients during backward, so N processes take the step that one process would take on
-# the whole global batch. Rank 0 alone prints, writes checkpoints and previews.
-
-def start_processes(device):
-    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1):
-    NCCL between the processes' GPUs (cuda:LOCAL_RANK, see resolve_device), or gloo on
-    CPUs. Only rank 0 prints.
-
-    torch.distributed.nn is imported at the top of this file, before the group exists:
-    imported later (DDP does), its functions' default arguments would hold the group for
-    good, destroy_process_group could not stop gloo's threads, and a thread still
-    releasing a tensor at exit would abort the interpreter."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")  # errors still reach stderr from every process
-
-
-def stop_processes():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def world():
-    """(rank of this process, number of processes): (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def barrier():
-    """Wait for every process (e.g. until rank 0 has written a file the others read)."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every process."""
-    if not dist.is_initialized():
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def first_bad_step(bad_step):
-    """The first step whose loss was not finite in any process, from each process's record
-    on its device: every process gets the same answer, so all stop together."""
-    if dist.is_initialized():
-        dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-    return int(bad_step)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def bf16_autocast(device, precision):
-    """bf16 autocast of forward and backward passes when precision is "bf16", else a no-op."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay=0.0, grad_clip=1.0,
-          ema_decay=0.999, seed=0, device="cpu", precision="fp32", compile=False, checkpoint=None, meta=None,
-          resume=False, log_every=100, ckpt_every=1000, preview=None, preview_every=0):
-    """Minimise objective(model, batch, step) for `steps` AdamW steps and return the EMA of
-    net's weights. batch = data.sample(batch_size): each process's share of the global batch.
-    The learning rate warms up linearly over lr_warmup steps, gradients are clipped to norm
-    grad_clip (0: off), and the EMA decays by min(ema_decay, (1 + n)/(10 + n)) at update n.
-    With a `checkpoint` path, everything needed to continue bit for bit is written there every
-    ckpt_every steps (with meta: stage, dataset, model_name, data_shape), and resume=True
-    continues it. preview(ema, step) runs every preview_every steps."""
-    training = {k: v for k, v in locals().items() if isinstance(v, (bool, int, float, str))}  # kept in checkpoints
-    meta = meta or {"stage": "train"}
-    rank, processes = world()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    step, saved_step = 0, None
-    torch.manual_seed(seed + rank)  # each process its own noise; batches come from data's shared stream
-    if resume and checkpoint and Path(checkpoint).exists():
-        step = saved_step = resume_training(checkpoint, meta, net, ema, opt, data, seed)
-
-    def save():
-        if not all(torch.isfinite(p).all() for p in net.parameters()):
-            raise TrainingError(f"[{meta['stage']}] weights are not finite at step {step}; "
-                                f"last good checkpoint: {checkpoint} (step {saved_step})")
-        if not checkpoint:
-            return
-        rng = {"data": data.generator.get_state(), "processes": gather(rng_state())}
-        if rank == 0:
-            save_atomic({"format": "slimflow", **meta, "step": step, "model": net.state_dict(),
-                         "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
-                         "training": training}, checkpoint)
-
-    if getattr(objective, "wants_ema", False):
-        objective.ema = ema  # e.g. TraFlow's consistency target
-    # the objective sees a DDP and/or compiled view of net; weights, optimizer and EMA stay
-    # on net itself in float32, and bf16 autocast runs only the forward and backward passes
-    model = net
-    if processes > 1:  # DDP broadcasts rank 0's weights now and averages gradients in backward
-        cuda = torch.device(device).type == "cuda"
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
-    if compile:
-        model = torch.compile(model)
-    net.train()
-    tic, tic_step = time.time(), step
-    # the first step with a non-finite loss, recorded on the device: checking it on the host
-    # at every step would make every step wait for the GPU, so it is read before each log,
-    # checkpoint or preview, and a NaN never reaches a checkpoint
-    bad_step = torch.tensor(steps, device=device)  # `steps`: none
-    while step < steps:
-        for group in opt.param_groups:  # linear warm-up of the learning rate
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, lr_warmup))
-        with bf16_autocast(device, precision):
-            loss, logs = objective(model, data.sample(batch_size, rank, processes), step)
-        bad_step = torch.where(torch.isfinite(loss.detach()), bad_step, bad_step.clamp(max=step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        opt.step()
-        step += 1
-        update_ema(ema, net, min(ema_decay, (1 + step) / (10 + step)))  # short runs: warm EMA
-
-        log = step % log_every == 0 or step == steps
-        ckpt = step % ckpt_every == 0 or step == steps
-        show = preview is not None and preview_every and step % preview_every == 0
-        if (log or ckpt or show) and first_bad_step(bad_step) < steps:
-            raise TrainingError(f"[{meta['stage']}] loss is not finite from step {int(bad_step)} on; stopped at "
-                                f"step {step}. Last good checkpoint: {checkpoint} (step {saved_step})")
-        if log:
-            rate = (step - tic_step) / (time.time() - tic)
-            extra = "".join(f"  {k} {v:.4f}" for k, v in logs.items())
-            print(f"[{meta['stage']}] step {step}/{steps}  loss {loss.item():.4f}{extra}  {rate:.1f} it/s",
-                  flush=True)
-        if ckpt:
-            save()
-            saved_step = step
-        if show and rank == 0:
-            preview(ema, step)
-    barrier()  # the next stage, in any process, reads the final checkpoint
-    return ema
-
-
-def resume_training(checkpoint, meta, net, ema, opt, data, seed):
-    """Load a training checkpoint into net, ema, opt and the data's and processes' random
-    states; returns its step."""
-    rank, processes = world()
-    ckpt = read_checkpoint(checkpoint)
-    check_compatible(ckpt, checkpoint, meta.get("dataset"), meta.get("model_name"))
-    net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
-    opt.load_state_dict(ckpt["optimizer"])
-    if "data" not in ckpt["rng"]:
-        raise UsageError(f"{checkpoint} was written by an older slimflow and cannot be continued exactly; "
-                         f"pass --overwrite to start over")
-    data.generator.set_state(ckpt["rng"]["data"])
-    step = ckpt["step"]
-    if len(ckpt["rng"]["processes"]) == processes:
-        set_rng_state(ckpt["rng"]["processes"][rank])
-    else:  # the data stream continues (in global batches of another size); the noise cannot
-        torch.manual_seed(seed + rank + processes * step)
-        print(f"[{meta['stage']}] the checkpoint was written by {len(ckpt['rng']['processes'])} "
-              f"processes, this run has {processes}: the noise streams restart")
-    print(f"[{meta['stage']}] resumed from {checkpoint} at step {step}")
-    return step
-
-
 # -----------------------------------------------------------------------------
-# 8. Stages
-# Each stage reads what the previous one wrote under --out (runs/<dataset>):
-#   teacher.pt -> pairs.pt -> reflow.pt -> distill.pt -> samples_<stage>.npy/.png
+# 12. The run directory: what each stage reads and writes
 
 STAGE_FILES = {"teacher": "teacher.pt", "pairs": "pairs.pt", "reflow": "reflow.pt", "distill": "distill.pt",
                "traflow": "traflow.pt"}
@@ -1322,6 +1253,43 @@ def load_stage_network(cfg, stage):
     return network_from_checkpoint(ckpt, cfg.device), ckpt
 
 
+def lpips_distance(device):
+    try:
+        import lpips
+    except ImportError:
+        raise UsageError("--distance lpips needs the lpips package (pip install lpips); "
+                         "or use --distance l2 or huber") from None
+    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+
+    def distance(a, b):  # LPIPS works at 224x224, as in the official code
+        a, b = (F.interpolate(x.expand(-1, 3, -1, -1), size=224, mode="bilinear") for x in (a, b))  # grey -> RGB
+        return net(a, b).flatten()
+    return distance
+
+
+def distance_named(cfg):
+    """The distillation distance D of --distance."""
+    return lpips_distance(cfg.device) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
+
+
+def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
+    """Train net for a stage with the one loop, in cfg's settings: checkpointed to --out,
+    resumable, with previews of preview(ema, z)'s samples. Returns the EMA network."""
+    model_name = model_name or (cfg.teacher_model if stage == "teacher" else cfg.model)
+    meta = {"stage": stage, "dataset": cfg.dataset, "model_name": model_name, "data_shape": list(data_shape(cfg))}
+    processes = world()[1]
+    print(f"[{stage}] {model_name}: {num_params(net):,} parameters, {cfg.steps} steps of batch "
+          f"{cfg.batch_size} on {cfg.device}" + (f" x {processes} processes" if processes > 1 else ""))
+    net = net.to(cfg.device)
+    if torch.device(cfg.device).type == "cuda" and any(isinstance(m, UNet) for m in net.modules()):
+        net = net.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
+    return train(net, objective, data, cfg.steps, cfg.batch_size, cfg.lr, lr_warmup=cfg.lr_warmup,
+                 weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, seed=cfg.seed,
+                 device=cfg.device, precision=cfg.precision, compile=cfg.compile, checkpoint=out_path(cfg, stage),
+                 meta=meta, resume=cfg.resume, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                 preview=previewer(cfg, stage, preview), preview_every=cfg.preview_every)
+
+
 def save_preview(x, path, data=None):
     """A PNG of samples: an image grid, or a 2-D scatter over the data."""
     if x.dim() == 4:
@@ -1353,30 +1321,8 @@ def previewer(cfg, stage, sample_fn):
     return preview
 
 
-def run_training_stage(cfg, stage, model_name, objective, data, sample_fn, net=None):
-    """Train a fresh `model_name` network (or `net`, for distillation) with the one loop."""
-    torch.manual_seed(cfg.seed)
-    net = build_model(model_name, data_shape(cfg)) if net is None else net
-    module = OneStepGenerator(net) if stage == "distill" else net
-    meta = {"stage": stage, "dataset": cfg.dataset, "model_name": model_name, "data_shape": list(data_shape(cfg))}
-    processes = world()[1]
-    print(f"[{stage}] {model_name}: {num_params(module):,} parameters, {cfg.steps} steps of batch "
-          f"{cfg.batch_size} on {cfg.device}" + (f" x {processes} processes" if processes > 1 else ""))
-    module = module.to(cfg.device)
-    if isinstance(net, UNet) and torch.device(cfg.device).type == "cuda":
-        module = module.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
-    return train(module, objective, data, cfg.steps, cfg.batch_size, cfg.lr, lr_warmup=cfg.lr_warmup,
-                 weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, seed=cfg.seed,
-                 device=cfg.device, precision=cfg.precision, compile=cfg.compile, checkpoint=out_path(cfg, stage),
-                 meta=meta, resume=cfg.resume, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-                 preview=previewer(cfg, stage, sample_fn), preview_every=cfg.preview_every)
-
-
-def stage_teacher(cfg):
-    refuse_overwrite(cfg, out_path(cfg, "teacher"))
-    run_training_stage(cfg, "teacher", cfg.teacher_model, RectifiedFlowLoss(), training_data(cfg),
-                       lambda v, z: euler_sample(v, z, 8)[0])
-
+# -----------------------------------------------------------------------------
+# 13. Pairs in shards
 
 def recipe_change(made, recipe):
     """How the recipe a file of pairs was solved with differs from this run's, in words."""
@@ -1385,20 +1331,17 @@ def recipe_change(made, recipe):
     return "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k])
 
 
-def stage_pairs(cfg):
-    """(Z0, Z1 = ODE_v1(Z0)) with RK45 (§3), solved in shards of --pairs-batch pairs. Z0 is
-    drawn at once from the seed, so a shard is the same whichever process solves it and
-    whenever: shards already on disk are skipped (a stopped run continues where it was),
-    and under torchrun the processes share the missing ones. Rank 0 then joins them into
-    pairs.pt, float16 for images (the coupling needs no more; Z0 is rounded before it is
-    solved, so every stored pair is exact) and float32 for 2-D points. Shards and pairs.pt
-    keep their recipe (the teacher's weights as a hash, seed, count, tolerances): shards or a
-    --resume of another recipe are refused, so pairs never outlive their teacher unnoticed."""
-    path = out_path(cfg, "pairs")
-    refuse_overwrite(cfg, path)
-    teacher, _ = load_stage_network(cfg, "teacher")
+def solve_pairs(cfg, z0, solve, teacher):
+    """Z1 = solve(Z0) in shards of --pairs-batch pairs, joined into pairs.pt. Z0 is drawn at
+    once from the seed, so a shard is the same whichever process solves it and whenever:
+    shards already on disk are skipped (a stopped run continues where it was), and under
+    torchrun the processes share the missing ones. Rank 0 then joins them, float16 for
+    images (the coupling needs no more; Z0 is rounded before it is solved, so every stored
+    pair is exact) and float32 for 2-D points. Shards and pairs.pt keep their recipe (the
+    teacher's weights as a hash, seed, count, tolerances): shards or a --resume of another
+    recipe are refused, so pairs never outlive their teacher unnoticed."""
+    path, shards = out_path(cfg, "pairs"), out_path(cfg, "pairs").with_suffix(".shards")
     rank, processes = world()
-    shards = path.with_suffix(".shards")
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
     recipe = {"dataset": cfg.dataset, "shape": list(data_shape(cfg)), "seed": cfg.seed,
               "num_pairs": cfg.num_pairs, "rtol": cfg.rtol, "atol": cfg.atol, "teacher": weights.hexdigest()}
@@ -1420,7 +1363,7 @@ def stage_pairs(cfg):
         (shards / "recipe.json").write_text(json.dumps(recipe))
     barrier()
     dtype = torch.float32 if is_toy(cfg) else torch.float16
-    z0 = fixed_noise(cfg, cfg.num_pairs, "pairs").to(dtype)
+    z0 = z0.to(dtype)
     starts = range(0, cfg.num_pairs, cfg.pairs_batch)
     shard = {i: shards / f"{i:09d}-{min(i + cfg.pairs_batch, cfg.num_pairs):09d}.pt" for i in starts}
     todo = [i for i in starts if not shard[i].exists()]
@@ -1429,8 +1372,7 @@ def stage_pairs(cfg):
         print(f"[pairs] {len(starts) - len(todo)} of {len(starts)} shards already in {shards}; solving the rest")
     tic = time.time()
     for n, i in enumerate(todo[rank::processes], 1):
-        x, nfe = rk45_sample(teacher, z0[i:i + cfg.pairs_batch].float().to(cfg.device), rtol=cfg.rtol,
-                             atol=cfg.atol)
+        x, nfe = solve(z0[i:i + cfg.pairs_batch].float().to(cfg.device))
         save_atomic({"z1": x.cpu().to(dtype), "nfe": nfe}, shard[i])
         print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {min(n * processes, len(todo))}/{len(todo)} shards in "
               f"{time.time() - tic:.1f}s", flush=True)
@@ -1445,42 +1387,99 @@ def stage_pairs(cfg):
     barrier()
 
 
-def stage_reflow(cfg):
-    refuse_overwrite(cfg, out_path(cfg, "reflow"))
-    print(f"[reflow] Annealing Reflow: beta {cfg.beta_schedule} over K = {cfg.anneal_steps} steps")
-    run_training_stage(cfg, "reflow", cfg.model, AnnealingReflowLoss(cfg.anneal_steps, cfg.beta_schedule),
-                       load_pairs(cfg), lambda v, z: one_step_sample(v, z)[0])
+# -----------------------------------------------------------------------------
+# 14. Several processes
+# torchrun --nproc_per_node N slimflow.py ...: one process per GPU, NCCL between them (gloo
+# on CPUs). Every process holds the same network; each computes the loss on its own slice
+# of the global batch (batch_size·N examples from the data's shared stream) with its own
+# noise (seed + rank), and DistributedDataParallel averages the gradients during backward,
+# so N processes take the step one process would take on the whole global batch. Rank 0
+# alone prints, writes checkpoints and previews.
+
+def start_processes(device):
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1):
+    NCCL between the processes' GPUs (cuda:LOCAL_RANK, see resolve_device), or gloo on
+    CPUs. Only rank 0 prints.
+
+    torch.distributed.nn is imported at the top of this file, before the group exists:
+    imported later (DDP does), its functions' default arguments would hold the group for
+    good, destroy_process_group could not stop gloo's threads, and a thread still
+    releasing a tensor at exit would abort the interpreter."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # errors still reach stderr from every process
 
 
-def stage_distill(cfg):
-    refuse_overwrite(cfg, out_path(cfg, "distill"))
-    guide, ckpt = load_stage_network(cfg, "reflow")
-    pairs = load_pairs(cfg)
-    if cfg.distance == "lpips" and is_toy(cfg):
-        raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
-    distance = lpips_distance(cfg.device) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
-    objective = FlowGuidedDistillationLoss(guide, distance, cfg.reg_weight, cfg.target_form)
-    print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
-          f"target {cfg.target_form}")
-    student = copy.deepcopy(guide).train().requires_grad_(True)  # u starts as the 2-rectified flow
-    run_training_stage(cfg, "distill", ckpt["model_name"], objective, pairs, lambda g, z: g(z), net=student)
+def stop_processes():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def stage_traflow(cfg):
-    """TraFlow from the teacher (or the 2-rectified flow, --traflow-from reflow) on the
-    stored pairs; the student starts as the flow, its s embedding copied from t's."""
-    refuse_overwrite(cfg, out_path(cfg, "traflow"))
-    flow, ckpt = load_stage_network(cfg, cfg.traflow_from)
-    pairs = load_pairs(cfg)
-    student = build_model(ckpt["model_name"], data_shape(cfg), two_times=True)
-    student.load_state_dict(add_second_time(flow.state_dict()))
-    objective = TraFlowLoss(flow, cfg.lambda_vel, cfg.lambda_cons, cfg.traflow_phases, cfg.traflow_midpoint,
-                            cfg.traflow_target)
-    print(f"[traflow] from the {cfg.traflow_from} flow: lambda_vel {cfg.lambda_vel}, lambda_cons "
-          f"{cfg.lambda_cons}, phases {cfg.traflow_phases}, midpoint {cfg.traflow_midpoint}")
-    run_training_stage(cfg, "traflow", ckpt["model_name"], objective, pairs,
-                       lambda g, z: traflow_sample(g, z, 1)[0], net=student.train())
+def world():
+    """(rank of this process, number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
+
+def barrier():
+    """Wait for every process (e.g. until rank 0 has written a file the others read)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def first_bad_step(bad_step):
+    """The first step whose loss was not finite in any process, from each process's record
+    on its device: every process gets the same answer, so all stop together."""
+    if dist.is_initialized():
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+    return int(bad_step)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def bf16_autocast(device, precision):
+    """bf16 autocast of forward and backward passes when precision is "bf16", else a no-op."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def training_view(net, device, compile=False):
+    """What the objective calls during training: net itself, under DDP with several
+    processes (which broadcasts rank 0's weights now and averages gradients in backward),
+    and compiled with `compile`. Weights, optimizer and EMA stay on net in float32."""
+    model = net
+    if world()[1] > 1:
+        cuda = torch.device(device).type == "cuda"
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
+    return torch.compile(model) if compile else model
+
+
+# -----------------------------------------------------------------------------
+# 15. Sampling and evaluation
+# Samples come from fixed noise, so every stage and sampler sees the same Z0. `eval` prints
+# the paper's table row (parameters, NFE, FID or SW2, MACs, straightness, samples/s); the
+# default toy run prints one row per model of the pipeline.
 
 def generate(net, stage, z, cfg, sampler=None):
     """Samples and NFE from a stage's network: the generator is one call, TraFlow --nfe jumps."""
@@ -1519,6 +1518,41 @@ def stage_sample(cfg):
           f"and {path.with_suffix('.png')}")
 
 
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+
+
+def fid_weights_path(cache_dir):
+    """The FID Inception weights in cache_dir, downloaded once; offline, a clear error."""
+    import urllib.request
+    path = Path(cache_dir) / FID_WEIGHTS_URL.rsplit("/", 1)[1]
+    if path.exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=20) as response:  # never hang offline
+            tmp.write_bytes(response.read())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"could not download the FID Inception weights ({err}); download {FID_WEIGHTS_URL} "
+                         f"and put it at {path.resolve()}, or pass --fid-weights PATH") from None
+    return path
+
+
+@torch.no_grad()
+def image_features(extractor, batches, device, what):
+    """Features of every batch of [-1, 1] images, with a progress line."""
+    feats, done, tic = [], 0, time.time()
+    for x in batches:
+        feats.append(extractor(x.to(device).clamp(-1, 1)).double().cpu())
+        done += len(x)
+        print(f"\r[fid] {what}: {done} images  {done / (time.time() - tic):.0f} img/s", end="", flush=True)
+    print()
+    return torch.cat(feats).numpy()
+
+
 def fid_of(x, cfg, extractor=None):
     """FID of generated images x against the training set, whose statistics are cached in
     --data-dir per dataset, size, image count and feature network."""
@@ -1541,6 +1575,51 @@ def fid_of(x, cfg, extractor=None):
     x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # 8-bit, like the training images and saved samples
     mu, sigma = gaussian_stats(image_features(extractor, x.split(cfg.pairs_batch), cfg.device, "samples"))
     return frechet_distance(mu, sigma, mu_real, sigma_real)
+
+
+def count_macs(model, *inputs):
+    """Multiply-accumulates per sample of model(*inputs), by forward hooks: `conv` and
+    `linear` layers outside attention, `attention` for everything inside attention blocks
+    (q/k/v/output projections and the two matrix products), and their `total`."""
+    counts = {"conv": 0, "linear": 0, "attention": 0}
+    batch = len(inputs[0])
+    inside = {m for block in model.modules() if isinstance(block, Attention) for m in block.modules()}
+
+    def hook(module, args, out):
+        if isinstance(module, nn.Conv2d):
+            macs = out.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            macs = out.numel() * module.in_features
+        else:  # an attention block: q·kᵀ and weights·v, each (hw)²·c
+            b, c, h, w = out.shape
+            macs = 2 * b * (h * w) ** 2 * c
+        key = "attention" if module in inside else "conv" if isinstance(module, nn.Conv2d) else "linear"
+        counts[key] += macs // batch
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, Attention))]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {**counts, "total": sum(counts.values())}
+
+
+def samples_per_second(sample_fn, z, repeats=3):
+    """Throughput of sample_fn on the batch z (best of a few timed runs, after a warm-up)."""
+    sample_fn(z)
+    best = float("inf")
+    for _ in range(repeats):
+        if z.is_cuda:
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        sample_fn(z)
+        if z.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - tic)
+    return len(z) / best
 
 
 def si(n):
@@ -1650,25 +1729,8 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
     print(f"[all] trajectories -> {path}")
 
 
-def stage_all(cfg):
-    tic = time.time()
-    given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
-    for stage in ("teacher", "pairs", "reflow", "distill"):
-        if given.get(stage):
-            print(f"[all] {stage}: using {given[stage]}")
-            continue
-        STAGES[stage](settings_for(cfg.given, stage))
-    rank = world()[0]
-    stop_processes()  # the report and the samples come from rank 0 alone
-    if rank == 0:
-        if is_toy(cfg):
-            toy_report(cfg)
-        else:
-            for stage in FLOW_STAGES:
-                sampler = "rk45" if stage == "teacher" else "one_step"
-                stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))
-    print(f"[all] done in {time.time() - tic:.0f}s; outputs in {cfg.out}")
-
+# -----------------------------------------------------------------------------
+# 16. Bench
 
 def matmul_rate(device, dtype, n=None, repeats=10):
     """Measured dense matmul throughput (FLOP/s) in dtype: the device's practical ceiling."""
@@ -1752,17 +1814,12 @@ def stage_bench(cfg):
     return rows
 
 
-STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow, "distill": stage_distill,
-          "traflow": stage_traflow, "sample": stage_sample, "eval": stage_eval, "bench": stage_bench,
-          "all": stage_all}
-
-
 # -----------------------------------------------------------------------------
-# 9. Settings and command line
+# 17. Settings and the command line
 # One settings object per stage, built once and never changed: the defaults for every
 # run, then those of the data's kind (2-D toy, image, and the `shapes` demo) and of the
 # stage, then the flags the user gave, which always win. The image defaults are the
-# official CIFAR10 settings (§4, §6).
+# official CIFAR10 settings.
 
 DEFAULTS = {
     "all": dict(dataset="8gaussians", stage="all", out=None, data_dir="data", image_size=32, max_images=None,
@@ -1810,6 +1867,8 @@ def settings_for(given, stage=None):
     merged["device"] = resolve_device(merged["device"])
     merged["precision"] = resolve_precision(merged["precision"], merged["device"])
     merged["flip"] = (not toy) if merged["flip"] is None else merged["flip"]
+    if toy and merged["distance"] == "lpips":
+        raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
     return Settings(**merged, given=types.MappingProxyType(dict(given)))
 
 
@@ -1928,6 +1987,20 @@ def resolve_precision(precision, device):
     return precision
 
 
+STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow, "distill": stage_distill,
+          "traflow": stage_traflow, "sample": stage_sample, "eval": stage_eval, "bench": stage_bench,
+          "all": stage_all}
+
+
+def run_stage(cfg):
+    """One stage, once the checks that need no work have passed: a finished stage is continued
+    with --resume or redone with --overwrite, never silently replaced."""
+    if cfg.stage in STAGE_FILES:
+        refuse_overwrite(cfg, out_path(cfg, cfg.stage))
+    torch.manual_seed(cfg.seed)  # the networks' initial weights
+    return STAGES[cfg.stage](cfg)
+
+
 def main(argv=None):
     try:
         cfg = parse_args(argv)
@@ -1935,8 +2008,7 @@ def main(argv=None):
             start_processes(cfg.device)
         elif int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 alone samples, evaluates, benchmarks
             return 0
-        torch.manual_seed(cfg.seed)
-        STAGES[cfg.stage](cfg)
+        run_stage(cfg)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -419,7 +419,7 @@ def test_distillation_loss_is_zero_for_a_perfect_generator(form, distance):
     u = lambda x, t: c.expand_as(x)  # noqa: E731
     guide = sf.MLP()  # replaced by the straight field below
     loss_fn = sf.FlowGuidedDistillationLoss(guide, sf.DISTANCES[distance], 1.0, form)
-    loss_fn.guide = u
+    loss_fn.v2 = u
     z0 = torch.randn(64, 2, dtype=torch.float64)
     generator = lambda z: z + u(z, None)  # noqa: E731
     loss, logs = loss_fn(generator, (z0, z0 + c), 0)
@@ -513,7 +513,7 @@ def test_naive_distillation_skips_the_regularizer():
     calls = []
     guide = lambda x, t: calls.append(1) or x  # noqa: E731
     loss_fn = sf.FlowGuidedDistillationLoss(sf.MLP(hidden=4, depth=1), sf.l2_distance, 0.0)
-    loss_fn.guide = guide
+    loss_fn.v2 = guide
     z0 = torch.randn(8, 2)
     _, logs = loss_fn(lambda z: z, (z0, z0 + 1), 0)
     assert calls == [] and set(logs) == {"pair"}
