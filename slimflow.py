@@ -259,12 +259,12 @@ class OneStepGenerator(nn.Module):
     """The SlimFlow generator G(z) = z + u(z, eps): u has the 2-rectified flow's
     architecture and starts from its weights."""
 
-    def __init__(self, u):
+    def __init__(self, net):
         super().__init__()
-        self.u = u
+        self.net = net  # u
 
     def forward(self, z):
-        return z + self.u(z, torch.full((len(z),), EPS, device=z.device))
+        return z + self.net(z, torch.full((len(z),), EPS, device=z.device))
 
 
 # -----------------------------------------------------------------------------
@@ -496,7 +496,7 @@ class TraFlowLoss:
 
     def __call__(self, model, pair, step):
         z0, z1 = pair
-        t = EPS + (1 - EPS) * torch.rand(len(z0), device=z0.device, dtype=z0.dtype)
+        t = sample_time(z0)
         x_t, one = interpolate(z0, z1, t), torch.ones_like(t)
         later = lambda: t + (1 - t) * torch.rand_like(t)  # noqa: E731 -- a time in (t, 1)
         losses = {}
@@ -693,7 +693,8 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
 # 8. The pipeline, stage by stage
 # Each stage reads what the one before wrote under --out (runs/<dataset>):
 #     teacher.pt -> pairs.pt -> reflow.pt -> distill.pt (or traflow.pt)
-# cfg holds one stage's settings, built in Part II from the defaults and the flags.
+# cfg holds one stage's settings, built in Part II from the defaults and the flags; the
+# default run (stage_all, in Part II) runs the four of SlimFlow in turn.
 
 def stage_teacher(cfg):
     """The 1-rectified flow v1: rectified flow on noise and data paired at random."""
@@ -721,7 +722,8 @@ def stage_distill(cfg):
     """Flow-Guided Distillation: G(z) = z + u(z, eps), u starting as v2, guided by v2 frozen."""
     v2, ckpt = load_stage_network(cfg, "reflow")
     G = OneStepGenerator(copy.deepcopy(v2).train().requires_grad_(True))
-    objective = FlowGuidedDistillationLoss(v2, distance_named(cfg), cfg.reg_weight, cfg.target_form)
+    distance = lpips_distance(cfg.device) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
+    objective = FlowGuidedDistillationLoss(v2, distance, cfg.reg_weight, cfg.target_form)
     print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
           f"target {cfg.target_form}")
     train_stage(cfg, "distill", G, objective, load_pairs(cfg), preview=lambda g, z: g(z),
@@ -741,27 +743,6 @@ def stage_traflow(cfg):
     train_stage(cfg, "traflow", student.train(), objective, load_pairs(cfg),
                 preview=lambda g, z: traflow_sample(g, z, 1)[0], model_name=ckpt["model_name"])
 
-
-def stage_all(cfg):
-    """The whole pipeline; then, on a toy, the table of every model against the data, and on
-    images, samples of each stage. A stage given as a checkpoint (--teacher-ckpt,
-    --init-ckpt) is not trained."""
-    tic = time.time()
-    given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
-    for stage in ("teacher", "pairs", "reflow", "distill"):
-        if given.get(stage):
-            print(f"[all] {stage}: using {given[stage]}")
-        else:
-            run_stage(settings_for(cfg.given, stage))
-    rank = world()[0]
-    stop_processes()  # the report and the samples come from rank 0 alone
-    if rank == 0 and is_toy(cfg):
-        toy_report(cfg)
-    elif rank == 0:
-        for stage in FLOW_STAGES:
-            sampler = "rk45" if stage == "teacher" else "one_step"
-            stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))
-    print(f"[all] done in {time.time() - tic:.0f}s; outputs in {cfg.out}")
 
 
 # =============================================================================
@@ -1048,7 +1029,8 @@ def save_atomic(obj, path):
 def save_training(path, state, data):
     """A training checkpoint (state: meta, step, weights, EMA, optimizer, settings) with every
     random state a bit-exact continuation needs; rank 0 writes it."""
-    rng = {"data": data.generator.get_state(), "processes": gather(rng_state())}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = {"data": data.generator.get_state(), "processes": gather({"torch": torch.get_rng_state(), "cuda": cuda})}
     if world()[0] == 0:
         save_atomic({"format": "slimflow", **state, "rng": rng}, path)
 
@@ -1067,7 +1049,9 @@ def resume_training(checkpoint, meta, net, ema, opt, data, seed):
     data.generator.set_state(ckpt["rng"]["data"])
     step = ckpt["step"]
     if len(ckpt["rng"]["processes"]) == processes:
-        set_rng_state(ckpt["rng"]["processes"][rank])
+        torch.set_rng_state(ckpt["rng"]["processes"][rank]["torch"])
+        if ckpt["rng"]["processes"][rank]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["processes"][rank]["cuda"])
     else:  # the data stream continues (in global batches of another size); the noise cannot
         torch.manual_seed(seed + rank + processes * step)
         print(f"[{meta['stage']}] the checkpoint was written by {len(ckpt['rng']['processes'])} "
@@ -1267,11 +1251,6 @@ def lpips_distance(device):
     return distance
 
 
-def distance_named(cfg):
-    """The distillation distance D of --distance."""
-    return lpips_distance(cfg.device) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
-
-
 def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
     """Train net for a stage with the one loop, in cfg's settings: checkpointed to --out,
     resumable, with previews of preview(ema, z)'s samples. Returns the EMA network."""
@@ -1446,17 +1425,6 @@ def first_bad_step(bad_step):
     if dist.is_initialized():
         dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
     return int(bad_step)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def bf16_autocast(device, precision):
@@ -1699,6 +1667,28 @@ def toy_report(cfg):
     (Path(cfg.out) / "results.json").write_text(json.dumps({"sw2_floor": floor, "rows": rows}, indent=1))
     plot_trajectories(cfg, teacher, flow2, generator)
     return rows
+
+
+def stage_all(cfg):
+    """The whole pipeline; then, on a toy, the table of every model against the data, and on
+    images, samples of each stage. A stage given as a checkpoint (--teacher-ckpt,
+    --init-ckpt) is not trained."""
+    tic = time.time()
+    given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
+    for stage in ("teacher", "pairs", "reflow", "distill"):
+        if given.get(stage):
+            print(f"[all] {stage}: using {given[stage]}")
+        else:
+            run_stage(settings_for(cfg.given, stage))
+    rank = world()[0]
+    stop_processes()  # the report and the samples come from rank 0 alone
+    if rank == 0 and is_toy(cfg):
+        toy_report(cfg)
+    elif rank == 0:
+        for stage in FLOW_STAGES:
+            sampler = "rk45" if stage == "teacher" else "one_step"
+            stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))
+    print(f"[all] done in {time.time() - tic:.0f}s; outputs in {cfg.out}")
 
 
 def plot_trajectories(cfg, teacher, flow2, generator, n=300):
