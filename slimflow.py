@@ -857,7 +857,7 @@ class TrainingData:
     The tensors stay in their compact form (uint8 images, float16 pairs) and move to the
     device once when they fit (CIFAR10 is 150 MB as uint8): a batch is then one gather on
     the device, and flips are done there too. Otherwise each batch is gathered on the host
-    and copied, still compact. With several processes (section 7), every process draws
+    and copied, still compact. With several processes (section 14), every process draws
     the same global batch of batch_size·processes examples and keeps its own slice."""
 
     def __init__(self, *tensors, flip=False, device="cpu", seed=0):

@@ -58,18 +58,17 @@ def sha256_of_lines(lines):
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-# ----------------------------------------------------------------------------- networks
+# ----------------------------------------------------------------------------- 1. Noise and data
 
-OFFICIAL_PARAMS = {"rf-61.8m": 61_804_419, "slim-27.9m": 27_906_179, "slim-15.7m": 15_707_235,
-                   "slim-7.0m": 6_989_891, "slim-3.4m": 3_437_123}
+@pytest.mark.parametrize("name", sf.TOY_DATASETS)
+def test_toy_data_is_reproducible_and_bounded(name):
+    x = sf.toy_data(name, 5000, seed=3)
+    assert x.shape == (5000, 2) and torch.equal(x, sf.toy_data(name, 5000, seed=3))
+    assert not torch.equal(x, sf.toy_data(name, 5000, seed=4))
+    assert x.abs().max() < 6 and x.std() > 0.5
 
 
-@pytest.mark.parametrize("name", OFFICIAL_PARAMS)
-def test_unet_has_official_parameter_count(name):
-    with torch.device("meta"):  # shapes only: no memory, no init time
-        net = sf.UNet(**sf.PRESETS[name])
-    assert sf.num_params(net) == OFFICIAL_PARAMS[name]
-
+# ----------------------------------------------------------------------------- 2. Networks
 
 def test_unet_maps_images_to_velocities_of_same_shape():
     net = sf.UNet(**sf.PRESETS["unet-micro"], in_ch=1, image_size=16)
@@ -90,11 +89,6 @@ def test_time_embedding_is_sines_then_cosines_of_999t():
     assert torch.allclose(emb[:, 3], torch.sin(999 * t * 1e-4), atol=1e-6)  # lowest frequency 1/10000
 
 
-def test_build_model_rejects_preset_of_the_other_kind():
-    with pytest.raises(sf.UsageError, match="does not fit image data"):
-        sf.build_model("mlp-96x3", (3, 32, 32))
-
-
 def test_fresh_blocks_compute_exactly_their_rescaled_identity():
     # zero-initialised output convolutions: a new block adds nothing to its input, (x + 0)/√2
     torch.manual_seed(0)
@@ -107,96 +101,24 @@ def test_fresh_blocks_compute_exactly_their_rescaled_identity():
         torch.testing.assert_close(block(x, temb), skip / math.sqrt(2), rtol=0, atol=1e-6)
 
 
-def official_ncsnpp(W, x, t, nf, ch_mult, num_res_blocks, attn_resolutions=(16,)):
-    """The official NCSN++ forward on the official tensor names W, written here from the
-    RectifiedFlow / SlimFlow code (models/ncsnpp.py, layerspp.py: BigGAN residual blocks
-    without FIR, AttnBlockpp, skip rescale, positional embedding of 999·t), independently of
-    slimflow's UNet: it walks `all_modules.<i>` in order, as the official forward does."""
-    n = 0
+class AffineField(torch.nn.Module):
+    """v(x, t) = b + c·t + k·x in float64, with b a parameter (so gradients can be read)."""
 
-    def module():  # the tensors of the next official module, by their names inside it
-        nonlocal n
-        prefix, n = f"all_modules.{n}.", n + 1
-        return {k[len(prefix):]: v for k, v in W.items() if k.startswith(prefix)}
+    def __init__(self, b, c=0.0, k=0.0):
+        super().__init__()
+        self.b, self.c, self.k = torch.nn.Parameter(torch.tensor(b, dtype=torch.float64)), c, k
 
-    def group_norm(p, h, name=""):
-        return F.group_norm(h, min(h.shape[1] // 4, 32), p[f"{name}weight"], p[f"{name}bias"], eps=1e-6)
-
-    def conv(p, h, name=""):
-        weight = p[f"{name}weight"]
-        return F.conv2d(h, weight, p[f"{name}bias"], padding=weight.shape[-1] // 2)
-
-    def resnet_block(p, x, up=False, down=False):  # ResnetBlockBigGANpp
-        h = F.silu(group_norm(p, x, "GroupNorm_0."))
-        if up:  # naive_upsample_2d
-            h, x = (y.repeat_interleave(2, 2).repeat_interleave(2, 3) for y in (h, x))
-        if down:  # naive_downsample_2d
-            h, x = (y.unflatten(3, (-1, 2)).unflatten(2, (-1, 2)).mean((3, 5)) for y in (h, x))
-        h = conv(p, h, "Conv_0.") + (F.silu(temb) @ p["Dense_0.weight"].T + p["Dense_0.bias"])[:, :, None, None]
-        h = conv(p, F.silu(group_norm(p, h, "GroupNorm_1.")), "Conv_1.")
-        if "Conv_2.weight" in p:
-            x = conv(p, x, "Conv_2.")
-        return (x + h) / math.sqrt(2)
-
-    def attention(p, x):  # AttnBlockpp; NIN is x·W + b over channels
-        B, C, H, Wd = x.shape
-        h = group_norm(p, x, "GroupNorm_0.")
-        q, k, v = (torch.einsum("bchw,cd->bdhw", h, p[f"NIN_{i}.W"]) + p[f"NIN_{i}.b"][:, None, None] for i in range(3))
-        w = (torch.einsum("bchw,bcij->bhwij", q, k) * C ** -0.5).reshape(B, H, Wd, H * Wd).softmax(-1)
-        h = torch.einsum("bhwij,bcij->bchw", w.reshape(B, H, Wd, H, Wd), v)
-        h = torch.einsum("bchw,cd->bdhw", h, p["NIN_3.W"]) + p["NIN_3.b"][:, None, None]
-        return (x + h) / math.sqrt(2)
-
-    half = nf // 2
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=x.dtype) / (half - 1))
-    emb = 999 * t[:, None] * freqs
-    emb = torch.cat([emb.sin(), emb.cos()], 1)
-    p = module()
-    temb = F.silu(emb @ p["weight"].T + p["bias"])
-    p = module()
-    temb = temb @ p["weight"].T + p["bias"]
-    hs = [conv(module(), x)]
-    for level in range(len(ch_mult)):
-        for _ in range(num_res_blocks):
-            h = resnet_block(module(), hs[-1])
-            if h.shape[-1] in attn_resolutions:
-                h = attention(module(), h)
-            hs.append(h)
-        if level != len(ch_mult) - 1:
-            hs.append(resnet_block(module(), hs[-1], down=True))
-    h = resnet_block(module(), hs[-1])
-    h = attention(module(), h)
-    h = resnet_block(module(), h)
-    for level in reversed(range(len(ch_mult))):
-        for _ in range(num_res_blocks + 1):
-            h = resnet_block(module(), torch.cat([h, hs.pop()], 1))
-        if h.shape[-1] in attn_resolutions:
-            h = attention(module(), h)
-        if level != 0:
-            h = resnet_block(module(), h, up=True)
-    h = F.silu(group_norm(module(), h))
-    h = conv(module(), h)
-    assert not hs and not module(), "official modules left unused"
-    return h
+    def forward(self, x, t):
+        return self.b + self.c * t[:, None].double() + self.k * x
 
 
-@pytest.mark.parametrize("config", [dict(nf=16, ch_mult=(1, 2), num_res_blocks=1),
-                                    dict(nf=16, ch_mult=(1, 2, 2), num_res_blocks=2)])
-def test_unet_computes_the_official_function_from_official_tensors(config, capsys):
-    # every official tensor random and distinct, so a tensor in the wrong place (Conv_0 for
-    # Conv_1, NIN_0 for NIN_1, a missing transpose) or a wrong wiring changes the output
-    net = sf.UNet(**config, dropout=0.0).double().eval()
-    g = torch.Generator().manual_seed(0)
-    W = {k: 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64) + (k.endswith("weight") and v.dim() == 1)
-         for k, v in sf.to_official(net.state_dict()).items()}  # GroupNorm scales near 1
-    net.load_state_dict(sf.from_official(W))
-    x, t = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64), torch.tensor([0.3, 0.8], dtype=torch.float64)
-    expected = official_ncsnpp(W, x, t, **config)
-    assert expected.abs().mean() > 0.1
-    torch.testing.assert_close(net(x, t), expected, rtol=1e-9, atol=1e-9)
+def test_the_generator_is_z_plus_u_at_time_eps():
+    z = torch.randn(5, 2, dtype=torch.float64)
+    u = AffineField([0.0, 0.0], c=1000.0)  # u(z, t) = 1000·t: 1 at t = eps, 0 at 0, 1000 at 1
+    torch.testing.assert_close(sf.OneStepGenerator(u)(z), z + 1000 * sf.EPS, rtol=0, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- samplers
+# ----------------------------------------------------------------------------- 3. Rectified flow and its samplers
 # dZ/dt = c (constant) and dZ/dt = a·Z have closed forms for every fixed-step method;
 # dZ/dt = -Z³ is non-linear with Z(1) = Z(eps) / sqrt(1 + 2·Z(eps)²·(1 - eps)).
 
@@ -328,21 +250,21 @@ def test_rk45_integrates_from_eps_to_one():
     torch.testing.assert_close(x, z * math.exp((1 - sf.EPS**2) / 2), rtol=0, atol=1e-6)
 
 
-def test_straightness_of_dz_dt_equal_t_is_the_spread_of_the_euler_times():
-    # the Euler path of dZ/dt = t moves at t_i on step i; its chord moves at their mean, so
-    # S = d·Var(t_i) = d·h²·(n² - 1)/12
-    n, z = 100, torch.randn(8, 2, dtype=torch.float64)
-    h = (1 - sf.EPS) / n
-    assert sf.straightness(time_field, z, steps=n) == pytest.approx(2 * h**2 * (n**2 - 1) / 12, rel=1e-9)
-
-
 def test_training_times_are_uniform_on_eps_to_one():
     t = sf.sample_time(torch.empty(10**6, dtype=torch.float64))
     assert sf.EPS <= t.min() < sf.EPS + 1e-4 and 1 - 1e-4 < t.max() <= 1
     assert t.mean().item() == pytest.approx((1 + sf.EPS) / 2, abs=2e-3)
 
 
-# ----------------------------------------------------------------------------- Annealing Reflow
+# ----------------------------------------------------------------------------- 4. The objectives
+
+def test_flow_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
+    # data = m: X_t = t·m + (1 - t)·X0, so (m - X_t)/(1 - t) = m - X0 exactly
+    m = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    x1 = m.expand(256, 2)
+    loss, _ = sf.RectifiedFlowLoss()(lambda x, t: (m - x) / (1 - t[:, None]), x1, 0)
+    assert loss.item() < 1e-20
+
 
 @pytest.mark.parametrize("schedule, at_half, at_end, at_twice", [
     ("linear", 0.5, 0.0, 0.0),
@@ -393,16 +315,6 @@ def test_noise_mix_keeps_unit_variance(beta):
     assert (x0 * z0).mean().item() == pytest.approx(math.sqrt(1 - beta**2), abs=0.01)  # keeps the coupling
 
 
-# ----------------------------------------------------------------------------- losses
-
-def test_flow_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
-    # data = m: X_t = t·m + (1 - t)·X0, so (m - X_t)/(1 - t) = m - X0 exactly
-    m = torch.tensor([1.5, -2.0], dtype=torch.float64)
-    x1 = m.expand(256, 2)
-    loss, _ = sf.RectifiedFlowLoss()(lambda x, t: (m - x) / (1 - t[:, None]), x1, 0)
-    assert loss.item() < 1e-20
-
-
 def test_reflow_loss_is_zero_for_a_perfect_student_once_beta_is_zero():
     c = torch.tensor([0.5, -1.0], dtype=torch.float64)
     z0 = torch.randn(128, 2, dtype=torch.float64)
@@ -426,26 +338,9 @@ def test_distillation_loss_is_zero_for_a_perfect_generator(form, distance):
     assert loss.item() < 1e-12 and set(logs) == {"pair", "reg"}
 
 
-class AffineField(torch.nn.Module):
-    """v(x, t) = b + c·t + k·x in float64, with b a parameter (so gradients can be read)."""
-
-    def __init__(self, b, c=0.0, k=0.0):
-        super().__init__()
-        self.b, self.c, self.k = torch.nn.Parameter(torch.tensor(b, dtype=torch.float64)), c, k
-
-    def forward(self, x, t):
-        return self.b + self.c * t[:, None].double() + self.k * x
-
-
 def uniform_mean(f, lo, hi):
     """E f(s) for s ~ U(lo, hi), by quadrature."""
     return scipy.integrate.quad(f, lo, hi)[0] / (hi - lo)
-
-
-def test_the_generator_is_z_plus_u_at_time_eps():
-    z = torch.randn(5, 2, dtype=torch.float64)
-    u = AffineField([0.0, 0.0], c=1000.0)  # u(z, t) = 1000·t: 1 at t = eps, 0 at 0, 1000 at 1
-    torch.testing.assert_close(sf.OneStepGenerator(u)(z), z + 1000 * sf.EPS, rtol=0, atol=1e-6)
 
 
 # Flow-Guided Distillation with a student u and a guide v2 that differ and read their inputs:
@@ -526,661 +421,7 @@ def test_pseudo_huber_is_zero_at_equality_and_linear_far_away():
     assert torch.allclose(sf.pseudo_huber_distance(a, b), torch.full((3,), 20.0), atol=2e-3)
 
 
-# ----------------------------------------------------------------------------- metrics
-
-def test_sliced_wasserstein_in_one_dimension_is_the_shift():
-    a = torch.randn(1000, 1)
-    assert sf.sliced_wasserstein(a, a) == 0.0
-    assert sf.sliced_wasserstein(a, a + 0.25) == pytest.approx(0.25, abs=1e-9)
-    assert sf.sliced_wasserstein(a, a.flip(0)) == 0.0  # order does not matter
-
-
-def test_sliced_wasserstein_rejects_sets_of_different_size():
-    with pytest.raises(ValueError, match="equal-size"):
-        sf.sliced_wasserstein(torch.randn(10, 2), torch.randn(11, 2))
-
-
-def test_straightness_is_zero_for_straight_paths_and_positive_for_curved_ones():
-    z = torch.randn(64, 2, dtype=torch.float64)
-    assert sf.straightness(constant_field(1.3), z) < 1e-20
-    assert sf.straightness(lambda x, t: x * 0 + torch.tensor([1.0, -2.0], dtype=x.dtype), z) < 1e-20
-    rotation = lambda x, t: torch.stack([-x[:, 1], x[:, 0]], 1)  # noqa: E731 -- paths are circle arcs
-    assert sf.straightness(rotation, z) > 0.1
-    # x' = a·x from Z0 = (1, 1): Z(t) = Z0·e^(a(t - eps)), S = ‖Z0‖²/T·∫ (chord - a·e^(a(t-eps)))² dt
-    a, T = 1.0, 1 - sf.EPS
-    chord = (math.exp(a * T) - 1) / T
-    exact = 2 * (chord**2 - 2 * chord * (math.exp(a * T) - 1) / T + a * (math.exp(2 * a * T) - 1) / (2 * T))
-    assert sf.straightness(linear_field(a), torch.ones(4, 2, dtype=torch.float64), steps=1000) == \
-        pytest.approx(exact, rel=0.01)
-
-
-def test_lpips_without_the_package_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips raises ImportError
-    with pytest.raises(sf.UsageError, match="pip install lpips"):
-        sf.lpips_distance("cpu")
-
-
-# ----------------------------------------------------------------------------- data
-
-@pytest.mark.parametrize("name", sf.TOY_DATASETS)
-def test_toy_data_is_reproducible_and_bounded(name):
-    x = sf.toy_data(name, 5000, seed=3)
-    assert x.shape == (5000, 2) and torch.equal(x, sf.toy_data(name, 5000, seed=3))
-    assert not torch.equal(x, sf.toy_data(name, 5000, seed=4))
-    assert x.abs().max() < 6 and x.std() > 0.5
-
-
-def test_shapes_images_are_varied_uint8():
-    x = sf.shapes_images(50, 32, seed=0)
-    assert x.shape == (50, 3, 32, 32) and x.dtype == torch.uint8
-    assert torch.equal(x, sf.shapes_images(50, 32, seed=0))
-    per_image_colours = [torch.unique(img.reshape(3, -1), dim=1).shape[1] for img in x]
-    assert set(per_image_colours) == {2}  # one shape on a plain background
-    assert x.float().std() > 50
-
-
-def test_idx_files_are_read_like_the_mnist_format(tmp_path):
-    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
-    header = b"\x00\x00\x08\x03" + b"".join(int(v).to_bytes(4, "big") for v in (3, 28, 28))
-    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header + images.tobytes())
-    x = sf.image_dataset("fashion_mnist", tmp_path, image_size=32)
-    assert x.shape == (3, 1, 32, 32) and x.dtype == torch.uint8
-    assert torch.equal(sf.read_idx_images(tmp_path / "train-images-idx3-ubyte.gz")[:, 0], torch.from_numpy(images))
-
-
-def test_folder_images_are_resized(tmp_path):
-    from PIL import Image
-    for i, size in enumerate([(40, 30), (64, 64)]):
-        Image.new("RGB", size, (i * 100, 20, 30)).save(tmp_path / f"{i}.png")
-    x = sf.image_dataset("folder", tmp_path, image_size=16)
-    assert x.shape == (2, 3, 16, 16) and x[1, 0, 0, 0] == 100
-
-
-def test_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
-    import torchvision
-
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(sf.UsageError, match="offline") as err:
-        sf.image_dataset("cifar10", tmp_path)
-    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
-
-
-def test_to_unit_range_maps_8_bit_levels_onto_minus_one_to_one():
-    levels = sf.to_unit_range(torch.tensor([0, 51, 255], dtype=torch.uint8))
-    assert levels.dtype == torch.float32
-    torch.testing.assert_close(levels, torch.tensor([-1.0, -0.6, 1.0]), rtol=0, atol=1e-6)
-    x = torch.tensor([0.25, -3.0], dtype=torch.float64)
-    assert torch.equal(sf.to_unit_range(x), x.float())  # float data (points, pairs) pass through
-
-
-def test_processes_draw_slices_of_one_global_batch():
-    # two processes with batch 4 see exactly the 8 examples one process with batch 8 sees, flips included
-    z = torch.randn(50, 1, 2, 3)
-    one, rank0, rank1 = (sf.TrainingData(z, 2 * z, flip=True, seed=3) for _ in range(3))
-    for _ in range(3):
-        whole = one.sample(8)
-        parts = rank0.sample(4, rank=0, processes=2), rank1.sample(4, rank=1, processes=2)
-        for i in range(2):
-            assert torch.equal(whole[i], torch.cat([parts[0][i], parts[1][i]]))
-
-
-def test_the_data_stream_is_the_seed_s_and_not_the_global_rng():
-    z = torch.arange(100.0)[:, None]
-    torch.manual_seed(0)
-    a = sf.TrainingData(z, seed=1).sample(16)
-    torch.manual_seed(1)
-    assert torch.equal(a, sf.TrainingData(z, seed=1).sample(16))
-    assert not torch.equal(a, sf.TrainingData(z, seed=2).sample(16))
-
-
-def test_pairs_share_one_flip():
-    z = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 1, 1, 4)
-    data = sf.TrainingData(z, z.clone(), flip=True)
-    torch.manual_seed(0)
-    batches = [data.sample(16) for _ in range(4)]
-    assert all(torch.equal(a, b) for a, b in batches)
-    assert any(torch.equal(a[i, 0, 0], a[i, 0, 0].sort().values.flip(0)) for a, _ in batches for i in range(16))
-
-
-# ----------------------------------------------------------------------------- training loop
-
-TINY = ["--steps", "20", "--batch-size", "64", "--teacher-model", "mlp-64x2", "--model", "mlp-64x2",
-        "--num-pairs", "256", "--log-every", "10", "--ckpt-every", "10", "--num-samples", "500"]
-
-
-def run(tmp_path, *argv):
-    return sf.main(["--out", str(tmp_path), *TINY, *argv])
-
-
-@pytest.fixture
-def teacher_run(tmp_path):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    return tmp_path, (tmp_path / "teacher.pt").read_bytes()
-
-
-TOY_TRAINING = dict(steps=20, batch_size=64, lr=1e-3, lr_warmup=100, grad_clip=1.0, ema_decay=0.999, log_every=10,
-                    ckpt_every=10)  # TINY's, and the toy defaults
-
-
-def train_toy_teacher(out, objective, data, device="cpu", **options):
-    """sf.train on a fresh mlp-64x2 teacher into <out>/teacher.pt, with TINY's settings or `options`."""
-    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
-    return sf.train(sf.build_model("mlp-64x2", (2,)).to(device), objective, data, device=device,
-                    checkpoint=Path(out) / "teacher.pt", meta=meta, **{**TOY_TRAINING, **options})
-
-
-def nan_at(bad_step, rank=None):
-    """The rectified-flow loss, made NaN at one step: in every process, or in process `rank`."""
-    def poisoned(net, x1, step):
-        loss, logs = sf.RectifiedFlowLoss()(net, x1, step)
-        return (loss * float("nan") if step == bad_step and rank in (None, sf.world()[0]) else loss), logs
-    return poisoned
-
-
-def test_checkpoint_round_trip_gives_the_same_network(tmp_path):
-    torch.manual_seed(0)
-    ema = train_toy_teacher(tmp_path, sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)))
-    loaded = sf.network_from_checkpoint(sf.read_checkpoint(tmp_path / "teacher.pt"), "cpu")
-    x, t = torch.randn(7, 2), torch.rand(7)
-    assert torch.equal(loaded(x, t), ema(x, t))
-
-
-def state_of(path):
-    ckpt = torch.load(path, weights_only=True)
-    return ckpt["step"], ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"]
-
-
-def assert_same_tensors(a, b):
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.parametrize("stage", ["teacher", "reflow"])
-def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, stage):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    for out in (straight, split):
-        assert run(out, "--stage", "teacher") == 0
-        assert run(out, "--stage", "pairs") == 0
-    assert run(straight, "--stage", stage, "--overwrite", "--steps", "30") == 0
-    assert run(split, "--stage", stage, "--overwrite", "--steps", "10") == 0
-    assert run(split, "--stage", stage, "--resume", "--steps", "30") == 0
-    step_a, model_a, ema_a, opt_a = state_of(straight / f"{stage}.pt")
-    step_b, model_b, ema_b, opt_b = state_of(split / f"{stage}.pt")
-    assert step_a == step_b == 30
-    assert_same_tensors(model_a, model_b)
-    assert_same_tensors(ema_a, ema_b)
-    for k in opt_a:
-        assert_same_tensors(opt_a[k], opt_b[k])
-
-
-def test_a_checkpoint_without_the_data_stream_is_not_resumed(teacher_run, capsys):
-    out, _ = teacher_run
-    ckpt = torch.load(out / "teacher.pt", weights_only=True)
-    ckpt["rng"] = ckpt["rng"]["processes"][0]  # the layout of older slimflow checkpoints
-    torch.save(ckpt, out / "teacher.pt")
-    before = (out / "teacher.pt").read_bytes()
-    capsys.readouterr()
-    assert run(out, "--stage", "teacher", "--resume", "--steps", "40") == 2
-    assert_one_line_error(capsys, "written by an older slimflow")
-    assert (out / "teacher.pt").read_bytes() == before
-
-
-class Weights(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-
-
-def adam_reference(w, gradients, lrs, clip):
-    """Adam (β = 0.9, 0.999, eps 1e-8, no weight decay) with gradients clipped to norm `clip`,
-    from its equations, in float64: the weights after each step."""
-    w, m, v, out = np.array(w), 0.0, 0.0, []
-    for k, (g, lr) in enumerate(zip(gradients, lrs), 1):
-        g = np.array(g) * min(1.0, clip / (np.linalg.norm(g) + 1e-6))
-        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
-        w = w - lr * (m / (1 - 0.9**k)) / (np.sqrt(v / (1 - 0.999**k)) + 1e-8)
-        out.append(w)
-    return out
-
-
-@pytest.mark.parametrize("ema_decay", [0.2, 0.999])
-def test_two_training_steps_by_value(tmp_path, ema_decay):
-    # loss = w·g_k at step k, so the gradient is g_k: (3, 4) is clipped to norm 1, (0.3, -0.4)
-    # is not. lr 0.1 warms up over 4 steps (0.025, 0.05); the EMA decays by
-    # min(ema_decay, (1 + n)/(10 + n)) at update n: 2/11, then 0.2 or 3/12
-    gradients = [[3.0, 4.0], [0.3, -0.4]]
-    objective = lambda net, batch, step: ((net.w * torch.tensor(gradients[step])).sum(), {})  # noqa: E731
-    meta = dict(stage="teacher", dataset="8gaussians", model_name="weights", data_shape=[2])
-    sf.train(Weights(), objective, sf.TrainingData(torch.zeros(4, 2)), steps=2, batch_size=4, lr=0.1, lr_warmup=4,
-             grad_clip=1.0, ema_decay=ema_decay, checkpoint=tmp_path / "teacher.pt", meta=meta)
-    w1, w2 = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=1.0)
-    d1, d2 = min(ema_decay, 2 / 11), min(ema_decay, 3 / 12)
-    ema = d2 * (d1 * np.array([1.0, -2.0]) + (1 - d1) * w1) + (1 - d2) * w2
-    ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
-    assert ckpt["step"] == 2
-    np.testing.assert_allclose(ckpt["model"]["w"].numpy(), w2, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(ckpt["ema"]["w"].numpy(), ema, rtol=0, atol=1e-6)
-    unclipped = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=np.inf)[1]
-    assert np.abs(unclipped - w2).min() > 1e-3  # clipping shows in the second step
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(sf.TrainingError, match=r"loss is not finite from step 7 on; stopped at step 10.*step 5\)"):
-        train_toy_teacher(tmp_path, nan_at(7), sf.TrainingData(torch.randn(100, 2)), ckpt_every=5)
-    ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
-    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert not (tmp_path / "teacher.pt.tmp").exists()
-
-
-def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(teacher_run, monkeypatch):
-    out, before = teacher_run
-
-    def disk_full(obj, f, *args, **kwargs):  # writes part of the file, then fails
-        Path(f).write_bytes(before[:len(before) // 2])
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        run(out, "--stage", "teacher", "--resume", "--steps", "30")
-    assert (out / "teacher.pt").read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == ["teacher.pt"]  # no partial file left
-
-
-# ----------------------------------------------------------------------------- bad input
-# One line on stderr, exit status 2, and nothing that exists is modified.
-
-def assert_one_line_error(capsys, pattern):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert pattern in err, err
-
-
-@pytest.mark.parametrize("argv, pattern", [
-    (["--dataset", "nope"], "invalid choice: 'nope'"),
-    (["--stage", "nope"], "invalid choice: 'nope'"),
-    (["--steps", "0"], "must be a positive integer"),
-    (["--batch-size", "-4"], "must be a positive integer"),
-    (["--lr", "0"], "must be positive"),
-    (["--num-pairs", "0"], "must be a positive integer"),
-    (["--image-size", "-1"], "must be a positive integer"),
-    (["--device", "nope"], "device 'nope'"),
-])
-def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, pattern):
-    assert sf.main(["--out", str(tmp_path), *argv]) == 2
-    assert_one_line_error(capsys, pattern)
-    assert not any(tmp_path.iterdir())
-
-
-def test_a_stage_without_its_input_names_the_command_that_makes_it(tmp_path, capsys):
-    assert run(tmp_path, "--stage", "pairs") == 2
-    assert_one_line_error(capsys, f"make it with: python slimflow.py --dataset 8gaussians --out {tmp_path} --stage teacher")
-
-
-def test_finished_work_is_not_overwritten_without_asking(teacher_run, capsys):
-    out, before = teacher_run
-    capsys.readouterr()
-    assert run(out, "--stage", "teacher") == 2
-    assert_one_line_error(capsys, "pass --resume to continue it or --overwrite")
-    assert (out / "teacher.pt").read_bytes() == before
-
-
-def test_resuming_with_another_architecture_is_refused(teacher_run, capsys):
-    out, before = teacher_run
-    capsys.readouterr()
-    assert run(out, "--stage", "teacher", "--resume", "--steps", "40", "--teacher-model", "mlp-96x3") == 2
-    assert_one_line_error(capsys, "holds a 'mlp-64x2' network, not 'mlp-96x3'")
-    assert (out / "teacher.pt").read_bytes() == before
-
-
-def test_a_checkpoint_of_another_dataset_is_refused(teacher_run, capsys):
-    out, before = teacher_run
-    capsys.readouterr()
-    assert run(out, "--stage", "pairs", "--dataset", "moons") == 2
-    assert_one_line_error(capsys, "made for dataset '8gaussians', not 'moons'")
-    assert not (out / "pairs.pt").exists()
-
-
-@pytest.mark.parametrize("garbage", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
-def test_a_corrupt_checkpoint_is_a_one_line_error(teacher_run, capsys, garbage):
-    out, _ = teacher_run
-    (out / "teacher.pt").write_bytes(garbage)
-    capsys.readouterr()
-    assert run(out, "--stage", "teacher", "--resume", "--steps", "40") == 2
-    assert_one_line_error(capsys, "is corrupt or not a slimflow file")
-    assert (out / "teacher.pt").read_bytes() == garbage
-    assert run(out, "--stage", "sample", "--from", "teacher") == 2
-
-
-def test_the_command_line_exits_with_status_2_and_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(HERE / "slimflow.py"), "--out", str(tmp_path), "--steps", "-3"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
-
-
-# ----------------------------------------------------------------------------- end to end
-
-def test_all_stages_on_a_2d_toy(tmp_path, capsys):
-    assert run(tmp_path, "--stage", "all", "--dataset", "moons") == 0
-    out = capsys.readouterr().out
-    for name in ["teacher.pt", "pairs.pt", "reflow.pt", "distill.pt", "results.json", "trajectories.png"]:
-        assert (tmp_path / name).exists(), name
-    assert "SlimFlow one-step generator" in out and "SW2 floor" in out
-    pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
-    assert pairs["z0"].shape == pairs["z1"].shape == (256, 2)
-    # every stage resumes as finished: nothing is retrained or rewritten
-    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")}
-    assert run(tmp_path, "--stage", "all", "--dataset", "moons", "--resume") == 0
-    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")} == before
-    assert run(tmp_path, "--stage", "sample", "--dataset", "moons", "--sampler", "heun", "--nfe", "3") == 0
-    assert np.load(tmp_path / "samples_distill.npy").shape == (500, 2)
-    assert run(tmp_path, "--stage", "sample", "--dataset", "moons", "--from", "reflow", "--sampler", "euler",
-               "--nfe", "2") == 0
-    assert "NFE 2" in capsys.readouterr().out
-
-
-def test_the_default_run_s_generator_beats_one_euler_step_of_its_guide(tmp_path):
-    # `python slimflow.py` with a tenth of its steps: the one-step generator is much closer to
-    # the data than one Euler step of the 2-rectified flow that guides it (0.59x here; 0.68x in
-    # the full default run) and than one Euler step of the teacher (0.28x)
-    assert sf.main(["--out", str(tmp_path), "--steps", "300", "--num-samples", "2000"]) == 0
-    sw2 = {row["method"]: row["sw2"] for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
-    generator = sw2["SlimFlow one-step generator"]
-    assert generator < 0.8 * sw2["2-rectified flow (one Euler step)"]
-    assert generator < 0.5 * sw2["teacher, 1-RF (one Euler step)"]
-
-
-def last_log(out, stage):
-    """{name: value} of the last training log line of `stage` in printed output."""
-    line = [line for line in out.splitlines() if line.startswith(f"[{stage}] step ")][-1]
-    return {k: float(v) for k, v in re.findall(r"([a-z]+) (-?\d+\.\d+)(?= |$)", line)}
-
-
-def test_distill_stage_weighs_the_regularizer_by_reg_weight(tmp_path, capsys):
-    # The student starts as the 2-rectified flow, so the regularizer starts near 0 and its printed value
-    # says little; what --reg-weight and --target-form change is the trained student.
-    for stage in ("teacher", "pairs", "reflow"):
-        assert run(tmp_path, "--stage", stage) == 0
-    students = {}
-    for weight, form in (("0", "official"), ("0.5", "official"), ("0.5", "paper")):
-        capsys.readouterr()
-        assert run(tmp_path, "--stage", "distill", "--reg-weight", weight, "--target-form", form, "--overwrite") == 0
-        log = last_log(capsys.readouterr().out, "distill")
-        if weight == "0":
-            assert "reg" not in log and log["loss"] == log["pair"]
-        else:
-            assert "reg" in log and log["loss"] >= log["pair"]
-        students[weight, form] = sf.read_checkpoint(tmp_path / "distill.pt")["model"]
-    for a, b in [(("0", "official"), ("0.5", "official")), (("0.5", "official"), ("0.5", "paper"))]:
-        assert any(not torch.equal(students[a][k], students[b][k]) for k in students[a]), (a, b)
-
-
-def test_all_stages_on_shapes_images(tmp_path, capsys):
-    argv = ["--dataset", "shapes", "--max-images", "64", "--teacher-model", "unet-micro", "--model", "unet-micro",
-            "--steps", "3", "--batch-size", "4", "--num-pairs", "8", "--pairs-batch", "8", "--num-samples", "4",
-            "--rtol", "1e-2", "--atol", "1e-2", "--preview-every", "3", "--out", str(tmp_path), "--stage", "all"]
-    assert sf.main(argv) == 0
-    for stage in sf.FLOW_STAGES:
-        x = np.load(tmp_path / f"samples_{stage}.npy")
-        assert x.shape == (4, 3, 32, 32) and np.isfinite(x).all()
-        assert (tmp_path / f"samples_{stage}.png").exists()
-        assert (tmp_path / "previews" / f"{stage}_0000003.png").exists()
-    pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
-    assert pairs["z1"].shape == (8, 3, 32, 32)
-
-
-# ----------------------------------------------------------------------------- official checkpoints
-
-@pytest.mark.parametrize("preset", OFFICIAL_LAYOUTS)
-def test_every_official_tensor_maps_to_exactly_one_of_ours_and_back(preset, capsys):
-    entries, sha256, spelled_out = OFFICIAL_LAYOUTS[preset]
-    with torch.device("meta"):
-        ours = sf.UNet(**sf.PRESETS[preset]).state_dict()
-    official = {"sigmas": torch.empty(1000, device="meta"), **sf.to_official(ours)}
-    lines = layout_lines(official)  # names, shapes and order of the official network's state dict
-    assert len(lines) == entries and set(spelled_out) <= set(lines)
-    assert sha256_of_lines(lines) == sha256
-    converted = sf.from_official(official)
-    assert "ignored: sigmas" in capsys.readouterr().out
-    assert converted.keys() == ours.keys()  # one to one: no tensor lost, none invented
-    assert all(converted[k].shape == ours[k].shape for k in ours)
-
-
-def official_file(net, path, ema_scale=None, drop=None, reshape=None):
-    """An official-layout checkpoint made from our network: `module.` names, EMA list."""
-    model = {"module.sigmas": torch.linspace(0.01, 50, 1000),
-             **{f"module.{k}": v.clone() for k, v in sf.to_official(net.state_dict()).items()}}
-    if drop:
-        del model[f"module.{drop}"]
-    if reshape:
-        model[f"module.{reshape}"] = torch.zeros(3, 3)
-    shadow = [v for k, v in model.items() if k != "module.sigmas"]
-    if ema_scale is not None:  # EMA weights that differ from the raw ones
-        model = {k: (v * ema_scale if k != "module.sigmas" else v) for k, v in model.items()}
-    torch.save({"model": model, "ema": {"decay": 0.9999, "num_updates": 10, "shadow_params": shadow},
-                "optimizer": {}, "step": 10}, path)
-
-
-def randomised_unet():
-    torch.manual_seed(0)
-    net = sf.UNet(**sf.PRESETS["unet-micro"]).eval()
-    with torch.no_grad():  # every tensor non-zero, so a misplaced one changes the output
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return net
-
-
-def test_an_official_checkpoint_loads_and_computes_the_same_function(tmp_path):
-    net = randomised_unet()
-    official_file(net, tmp_path / "official.pth", ema_scale=0.0)  # raw weights zeroed: EMA must be used
-    loaded = sf.load_checkpoint(tmp_path / "official.pth", sf.UNet(**sf.PRESETS["unet-micro"]).eval())
-    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
-    assert torch.equal(loaded(x, t), net(x, t))
-
-
-def test_official_attention_projections_are_transposed(tmp_path):
-    net = randomised_unet()
-    official = sf.to_official(net.state_dict())
-    block = next(i for i, b in enumerate(net.blocks) if isinstance(b, sf.Attention))
-    assert torch.equal(official[f"all_modules.{block + 3}.NIN_0.W"], net.blocks[block].q.weight[:, :, 0, 0].t())
-
-
-@pytest.mark.parametrize("drop, reshape, pattern", [
-    ("all_modules.5.Conv_0.bias", None, "tensor all_modules.5.Conv_0.bias is missing"),
-    (None, "all_modules.4.Conv_1.weight", "tensor all_modules.4.Conv_1.weight has shape (3, 3), the network needs"),
-])
-def test_an_official_layout_with_a_bad_tensor_is_refused(tmp_path, drop, reshape, pattern):
-    official_file(randomised_unet(), tmp_path / "bad.pth", drop=drop, reshape=reshape)
-    with pytest.raises(sf.UsageError, match=pattern.replace("(", r"\(").replace(")", r"\)")):
-        sf.load_checkpoint(tmp_path / "bad.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
-
-
-def test_an_official_model_without_ema_loads_its_raw_weights(tmp_path):
-    net = randomised_unet()
-    torch.save({"model": {f"module.{k}": v for k, v in sf.to_official(net.state_dict()).items()}, "step": 0},
-               tmp_path / "noema.pth")
-    loaded = sf.load_checkpoint(tmp_path / "noema.pth", sf.UNet(**sf.PRESETS["unet-micro"]).eval())
-    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
-    assert torch.equal(loaded(x, t), net(x, t))
-
-
-def test_an_official_ema_of_another_length_is_refused(tmp_path):
-    net = randomised_unet()
-    model = {f"module.{k}": v for k, v in sf.to_official(net.state_dict()).items()}
-    torch.save({"model": model, "ema": {"shadow_params": list(model.values())[:-1]}}, tmp_path / "short.pth")
-    with pytest.raises(sf.UsageError, match="EMA holds"):
-        sf.load_checkpoint(tmp_path / "short.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
-
-
-def test_pairs_stage_starts_from_an_official_teacher(tmp_path, capsys):
-    official_file(randomised_unet(), tmp_path / "teacher_official.pth")
-    argv = ["--dataset", "shapes", "--out", str(tmp_path), "--stage", "pairs", "--teacher-model", "unet-micro",
-            "--teacher-ckpt", str(tmp_path / "teacher_official.pth"), "--num-pairs", "4", "--pairs-batch", "4",
-            "--rtol", "1e-2", "--atol", "1e-2"]
-    assert sf.main(argv) == 0
-    assert torch.load(tmp_path / "pairs.pt", weights_only=True)["z1"].shape == (4, 3, 32, 32)
-
-
-# ----------------------------------------------------------------------------- FID, cost, eval
-
-def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
-    m1, m2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
-    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
-    # ‖m1 - m2‖² + Σ(√a - √b)² = (1 + 0 + 6.25) + (4 + 1 + 0) = 12.25
-    assert sf.frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(12.25, rel=1e-10)
-
-
-def test_frechet_distance_of_non_diagonal_gaussians_is_the_closed_form():
-    rng = np.random.default_rng(0)
-    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))  # shared eigenvectors: the covariances commute
-    a, b = rng.uniform(0.1, 3.0, 5), rng.uniform(0.1, 3.0, 5)
-    m1, m2 = rng.standard_normal(5), rng.standard_normal(5)
-    expected = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert sf.frechet_distance(m1, q @ np.diag(a) @ q.T, m2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-8)
-    x = rng.standard_normal((8, 8))
-    s = x @ x.T + 0.1 * np.eye(8)  # S2 = c²·S1: Tr(S1)·(1 - c)²
-    assert sf.frechet_distance(np.zeros(8), s, np.zeros(8), 0.09 * s) == pytest.approx(np.trace(s) * 0.49, rel=1e-8)
-
-
-def test_frechet_distance_is_zero_for_identical_statistics_and_symmetric():
-    rng = np.random.default_rng(2)
-    mu1, s1 = sf.gaussian_stats(rng.standard_normal((200, 6)))
-    mu2, s2 = sf.gaussian_stats(2 * rng.standard_normal((200, 6)) + 1)
-    assert abs(sf.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
-    assert sf.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(sf.frechet_distance(mu2, s2, mu1, s1), rel=1e-8)
-    mu, s = sf.gaussian_stats(rng.standard_normal((5, 20)))  # singular: fewer samples than dimensions
-    assert abs(sf.frechet_distance(mu, s, mu, s)) < 1e-4
-
-
-def test_frechet_distance_refuses_a_complex_square_root():
-    with pytest.raises(ValueError, match="imaginary"):
-        sf.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
-
-
-def random_fid_weights():
-    """A state dict laid out exactly as the published file (no num_batches_tracked)."""
-    g = torch.Generator().manual_seed(0)
-    state = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in sf.fid_inception().state_dict().items()
-             if not k.endswith("num_batches_tracked")}
-    for k in state:  # plausible BatchNorm statistics keep activations finite
-        if k.endswith(("running_var", "bn.weight")):
-            state[k] = 0.75 + 0.5 * torch.rand(state[k].shape, generator=g)
-    return state
-
-
-@pytest.fixture(scope="module")
-def fid_net():
-    return sf.fid_inception(random_fid_weights())
-
-
-def test_fid_network_has_the_reference_layout():
-    entries, sha256, spelled_out = FID_LAYOUT
-    lines = sorted(layout_lines(sf.fid_inception().state_dict()))
-    assert len(lines) == entries and set(spelled_out) <= set(lines)
-    assert sha256_of_lines(lines) == sha256
-
-
-def test_fid_network_sees_299_by_299_rgb_images(fid_net):
-    seen = []
-    hook = fid_net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
-    with torch.no_grad():
-        fid_net(torch.zeros(2, 1, 32, 32))
-    hook.remove()
-    assert seen == [(2, 3, 299, 299)]
-
-
-def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
-    with torch.no_grad():
-        rgb = fid_net(torch.rand(2, 3, 32, 32) * 2 - 1)
-        grey = torch.rand(2, 1, 28, 28) * 2 - 1
-        f_grey, f_repeated = fid_net(grey), fid_net(grey.repeat(1, 3, 1, 1))
-    assert rgb.shape == f_grey.shape == (2, 2048) and torch.isfinite(rgb).all() and rgb.std() > 0
-    torch.testing.assert_close(f_grey, f_repeated)
-
-
-def test_fid_network_pools_the_tensorflow_way(fid_net):
-    import torch.nn.functional as F
-    with torch.no_grad():  # the pool branch is the last slice of each block's output
-        x = torch.randn(1, 192, 9, 9)
-        torch.testing.assert_close(fid_net.Mixed_5b(x)[:, -32:],
-                                   fid_net.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
-        x = torch.randn(1, 2048, 5, 5)
-        torch.testing.assert_close(fid_net.Mixed_7c(x)[:, -192:], fid_net.Mixed_7c.branch_pool(F.max_pool2d(x, 3, 1, 1)))
-
-
-@pytest.mark.parametrize("change, match", [
-    (lambda s: s.__setitem__("fc.weight", torch.zeros(1000, 2048)), "fc.weight"),
-    (lambda s: s.__setitem__("AuxLogits.fc.weight", torch.zeros(1008, 768)), "AuxLogits.fc.weight"),
-    (lambda s: s.pop("Mixed_7c.branch_pool.conv.weight"), "Mixed_7c.branch_pool.conv.weight"),
-])
-def test_fid_network_refuses_another_layout(change, match):
-    state = random_fid_weights()
-    change(state)
-    with pytest.raises(ValueError, match=match):
-        sf.fid_inception(state)
-
-
-def test_fid_weights_offline_is_a_clear_error_naming_the_path(tmp_path, monkeypatch):
-    import urllib.request
-
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(sf.UsageError, match="put it at") as err:
-        sf.fid_weights_path(tmp_path / "cache")
-    assert str((tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").resolve()) in str(err.value)
-    assert not any((tmp_path / "cache").iterdir())  # no partial file left behind
-    (tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
-    assert sf.fid_weights_path(tmp_path / "cache").name == "pt_inception-2015-12-05-6726825d.pth"
-
-
-@pytest.mark.parametrize("preset, conv_linear, total", [("slim-15.7m", 3.70e9, 3.90e9), ("slim-27.9m", 6.57e9, 6.89e9)])
-def test_macs_of_the_official_students(preset, conv_linear, total):
-    macs = sf.count_macs(sf.UNet(**sf.PRESETS[preset]).eval(), torch.randn(1, 3, 32, 32), torch.rand(1))
-    assert macs["conv"] + macs["linear"] == pytest.approx(conv_linear, rel=0.01)
-    assert macs["total"] == pytest.approx(total, rel=0.01)
-    assert macs["total"] == macs["conv"] + macs["linear"] + macs["attention"]
-
-
-def test_macs_of_an_mlp_are_its_weight_count_per_sample():
-    net = sf.MLP(hidden=32, depth=2, temb_dim=16)
-    weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.Linear))
-    assert sf.count_macs(net, torch.randn(5, 2), torch.rand(5)) == {"conv": 0, "linear": weights, "attention": 0,
-                                                                    "total": weights}
-
-
-def test_eval_on_a_tiny_2d_run(tmp_path, capsys):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    assert run(tmp_path, "--stage", "eval", "--sampler", "euler", "--nfe", "4") == 0
-    row = json.loads((tmp_path / "metrics.json").read_text())["teacher (euler) nfe=4"]
-    assert row["nfe"] == 4 and row["params"] == 8578 and row["flops"] == 2 * row["macs"] > 0
-    assert row["sw2"] > 0 and row["sw2_floor"] > 0 and row["straightness"] > 0 and row["samples_per_s"] > 0
-    assert "SW2 floor" in capsys.readouterr().out
-
-
-def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
-    argv = ["--dataset", "shapes", "--max-images", "48", "--teacher-model", "unet-micro", "--steps", "2",
-            "--batch-size", "4", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]
-    assert sf.main([*argv, "--stage", "teacher"]) == 0
-    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())  # 3·8·8 = 192 features
-    args = sf.parse_args([*argv, "--stage", "eval", "--num-samples", "48", "--pairs-batch", "8", "--sampler", "euler",
-                          "--nfe", "2"])
-    row = sf.stage_eval(args, extractor=extractor)
-    assert row["fid"] > 0 and row["nfe"] == 2 and row["macs_with_attention"] > row["macs"] > 0
-    assert len(list((tmp_path / "data").glob("fid_stats_shapes_train_32px_48_*.npz"))) == 1  # cached
-    assert sf.stage_eval(args, extractor=extractor)["fid"] == pytest.approx(row["fid"], rel=1e-9)
-
-
-def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
-    args = sf.parse_args(["--dataset", "shapes", "--max-images", "48", "--out", str(tmp_path), "--data-dir",
-                          str(tmp_path / "data"), "--stage", "eval", "--pairs-batch", "16"])
-    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
-    real = sf.to_unit_range(sf.image_dataset("shapes", args.data_dir, 32, 48, args.seed))
-    assert sf.fid_of(real + 0.0035, args, extractor) == pytest.approx(0, abs=1e-4)  # within half an 8-bit level
-    assert sf.fid_of(real + 0.01, args, extractor) > 1e-3
-
-
-# ----------------------------------------------------------------------------- TraFlow
+# ----------------------------------------------------------------------------- 5. TraFlow: trajectory distillation
 
 def test_traflow_map_is_the_identity_at_equal_times():
     model = sf.MLP(hidden=16, depth=2, two_times=True)
@@ -1298,23 +539,6 @@ def test_traflow_output_term_is_a_mean_over_pairs():  # so that N processes take
     assert whole == pytest.approx(per_pair.mean().item(), rel=1e-6)
 
 
-def test_a_two_time_network_starts_as_the_one_time_network():
-    torch.manual_seed(0)
-    for one, x in [(sf.MLP(hidden=16, depth=2), torch.randn(4, 2)),
-                   (sf.UNet(**sf.PRESETS["unet-micro"]), torch.randn(2, 3, 32, 32))]:
-        with torch.no_grad():
-            for p in one.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        two = type(one)(**({"hidden": 16, "depth": 2} if isinstance(one, sf.MLP) else sf.PRESETS["unet-micro"]),
-                        two_times=True)
-        two.load_state_dict(sf.add_second_time(one.state_dict()))
-        t, s = torch.rand(len(x)), torch.rand(len(x))
-        torch.testing.assert_close(two(x, t, t), one(x, t), atol=1e-5, rtol=1e-5)
-        # t and s enter alike, as two halves of one embedding; and s is read
-        torch.testing.assert_close(two(x, t, s), two(x, s, t), atol=1e-5, rtol=1e-5)
-        assert (two(x, t, s) - one(x, t)).abs().max() > 1e-3
-
-
 def test_traflow_velocity_runs_through_channels_last_attention():
     # channels_last makes SDPA pick a fused kernel, which has no forward-mode AD
     torch.manual_seed(0)
@@ -1325,12 +549,338 @@ def test_traflow_velocity_runs_through_channels_last_attention():
     assert set(logs) == {"out", "vel", "cons"} and torch.isfinite(loss)
 
 
-def test_a_checkpoint_of_another_stage_is_refused(tmp_path, capsys):
-    for stage in ("teacher", "pairs"):
+# ----------------------------------------------------------------------------- 6. Measuring
+
+def test_sliced_wasserstein_in_one_dimension_is_the_shift():
+    a = torch.randn(1000, 1)
+    assert sf.sliced_wasserstein(a, a) == 0.0
+    assert sf.sliced_wasserstein(a, a + 0.25) == pytest.approx(0.25, abs=1e-9)
+    assert sf.sliced_wasserstein(a, a.flip(0)) == 0.0  # order does not matter
+
+
+def test_sliced_wasserstein_rejects_sets_of_different_size():
+    with pytest.raises(ValueError, match="equal-size"):
+        sf.sliced_wasserstein(torch.randn(10, 2), torch.randn(11, 2))
+
+
+def test_straightness_is_zero_for_straight_paths_and_positive_for_curved_ones():
+    z = torch.randn(64, 2, dtype=torch.float64)
+    assert sf.straightness(constant_field(1.3), z) < 1e-20
+    assert sf.straightness(lambda x, t: x * 0 + torch.tensor([1.0, -2.0], dtype=x.dtype), z) < 1e-20
+    rotation = lambda x, t: torch.stack([-x[:, 1], x[:, 0]], 1)  # noqa: E731 -- paths are circle arcs
+    assert sf.straightness(rotation, z) > 0.1
+    # x' = a·x from Z0 = (1, 1): Z(t) = Z0·e^(a(t - eps)), S = ‖Z0‖²/T·∫ (chord - a·e^(a(t-eps)))² dt
+    a, T = 1.0, 1 - sf.EPS
+    chord = (math.exp(a * T) - 1) / T
+    exact = 2 * (chord**2 - 2 * chord * (math.exp(a * T) - 1) / T + a * (math.exp(2 * a * T) - 1) / (2 * T))
+    assert sf.straightness(linear_field(a), torch.ones(4, 2, dtype=torch.float64), steps=1000) == \
+        pytest.approx(exact, rel=0.01)
+
+
+def test_straightness_of_dz_dt_equal_t_is_the_spread_of_the_euler_times():
+    # the Euler path of dZ/dt = t moves at t_i on step i; its chord moves at their mean, so
+    # S = d·Var(t_i) = d·h²·(n² - 1)/12
+    n, z = 100, torch.randn(8, 2, dtype=torch.float64)
+    h = (1 - sf.EPS) / n
+    assert sf.straightness(time_field, z, steps=n) == pytest.approx(2 * h**2 * (n**2 - 1) / 12, rel=1e-9)
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
+    m1, m2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    # ‖m1 - m2‖² + Σ(√a - √b)² = (1 + 0 + 6.25) + (4 + 1 + 0) = 12.25
+    assert sf.frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(12.25, rel=1e-10)
+
+
+def test_frechet_distance_of_non_diagonal_gaussians_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))  # shared eigenvectors: the covariances commute
+    a, b = rng.uniform(0.1, 3.0, 5), rng.uniform(0.1, 3.0, 5)
+    m1, m2 = rng.standard_normal(5), rng.standard_normal(5)
+    expected = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert sf.frechet_distance(m1, q @ np.diag(a) @ q.T, m2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-8)
+    x = rng.standard_normal((8, 8))
+    s = x @ x.T + 0.1 * np.eye(8)  # S2 = c²·S1: Tr(S1)·(1 - c)²
+    assert sf.frechet_distance(np.zeros(8), s, np.zeros(8), 0.09 * s) == pytest.approx(np.trace(s) * 0.49, rel=1e-8)
+
+
+def test_frechet_distance_is_zero_for_identical_statistics_and_symmetric():
+    rng = np.random.default_rng(2)
+    mu1, s1 = sf.gaussian_stats(rng.standard_normal((200, 6)))
+    mu2, s2 = sf.gaussian_stats(2 * rng.standard_normal((200, 6)) + 1)
+    assert abs(sf.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+    assert sf.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(sf.frechet_distance(mu2, s2, mu1, s1), rel=1e-8)
+    mu, s = sf.gaussian_stats(rng.standard_normal((5, 20)))  # singular: fewer samples than dimensions
+    assert abs(sf.frechet_distance(mu, s, mu, s)) < 1e-4
+
+
+def test_frechet_distance_refuses_a_complex_square_root():
+    with pytest.raises(ValueError, match="imaginary"):
+        sf.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
+
+
+def random_fid_weights():
+    """A state dict laid out exactly as the published file (no num_batches_tracked)."""
+    g = torch.Generator().manual_seed(0)
+    state = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in sf.fid_inception().state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    for k in state:  # plausible BatchNorm statistics keep activations finite
+        if k.endswith(("running_var", "bn.weight")):
+            state[k] = 0.75 + 0.5 * torch.rand(state[k].shape, generator=g)
+    return state
+
+
+@pytest.fixture(scope="module")
+def fid_net():
+    return sf.fid_inception(random_fid_weights())
+
+
+def test_fid_network_has_the_reference_layout():
+    entries, sha256, spelled_out = FID_LAYOUT
+    lines = sorted(layout_lines(sf.fid_inception().state_dict()))
+    assert len(lines) == entries and set(spelled_out) <= set(lines)
+    assert sha256_of_lines(lines) == sha256
+
+
+def test_fid_network_sees_299_by_299_rgb_images(fid_net):
+    seen = []
+    hook = fid_net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        fid_net(torch.zeros(2, 1, 32, 32))
+    hook.remove()
+    assert seen == [(2, 3, 299, 299)]
+
+
+def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
+    with torch.no_grad():
+        rgb = fid_net(torch.rand(2, 3, 32, 32) * 2 - 1)
+        grey = torch.rand(2, 1, 28, 28) * 2 - 1
+        f_grey, f_repeated = fid_net(grey), fid_net(grey.repeat(1, 3, 1, 1))
+    assert rgb.shape == f_grey.shape == (2, 2048) and torch.isfinite(rgb).all() and rgb.std() > 0
+    torch.testing.assert_close(f_grey, f_repeated)
+
+
+def test_fid_network_pools_the_tensorflow_way(fid_net):
+    import torch.nn.functional as F
+    with torch.no_grad():  # the pool branch is the last slice of each block's output
+        x = torch.randn(1, 192, 9, 9)
+        torch.testing.assert_close(fid_net.Mixed_5b(x)[:, -32:],
+                                   fid_net.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+        x = torch.randn(1, 2048, 5, 5)
+        torch.testing.assert_close(fid_net.Mixed_7c(x)[:, -192:], fid_net.Mixed_7c.branch_pool(F.max_pool2d(x, 3, 1, 1)))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: s.__setitem__("fc.weight", torch.zeros(1000, 2048)), "fc.weight"),
+    (lambda s: s.__setitem__("AuxLogits.fc.weight", torch.zeros(1008, 768)), "AuxLogits.fc.weight"),
+    (lambda s: s.pop("Mixed_7c.branch_pool.conv.weight"), "Mixed_7c.branch_pool.conv.weight"),
+])
+def test_fid_network_refuses_another_layout(change, match):
+    state = random_fid_weights()
+    change(state)
+    with pytest.raises(ValueError, match=match):
+        sf.fid_inception(state)
+
+
+# ----------------------------------------------------------------------------- 7. The training loop
+
+TOY_TRAINING = dict(steps=20, batch_size=64, lr=1e-3, lr_warmup=100, grad_clip=1.0, ema_decay=0.999, log_every=10,
+                    ckpt_every=10)  # TINY's, and the toy defaults
+
+
+def train_toy_teacher(out, objective, data, device="cpu", **options):
+    """sf.train on a fresh mlp-64x2 teacher into <out>/teacher.pt, with TINY's settings or `options`."""
+    meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
+    return sf.train(sf.build_model("mlp-64x2", (2,)).to(device), objective, data, device=device,
+                    checkpoint=Path(out) / "teacher.pt", meta=meta, **{**TOY_TRAINING, **options})
+
+
+def test_checkpoint_round_trip_gives_the_same_network(tmp_path):
+    torch.manual_seed(0)
+    ema = train_toy_teacher(tmp_path, sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)))
+    loaded = sf.network_from_checkpoint(sf.read_checkpoint(tmp_path / "teacher.pt"), "cpu")
+    x, t = torch.randn(7, 2), torch.rand(7)
+    assert torch.equal(loaded(x, t), ema(x, t))
+
+
+class Weights(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+
+def adam_reference(w, gradients, lrs, clip):
+    """Adam (β = 0.9, 0.999, eps 1e-8, no weight decay) with gradients clipped to norm `clip`,
+    from its equations, in float64: the weights after each step."""
+    w, m, v, out = np.array(w), 0.0, 0.0, []
+    for k, (g, lr) in enumerate(zip(gradients, lrs), 1):
+        g = np.array(g) * min(1.0, clip / (np.linalg.norm(g) + 1e-6))
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+        w = w - lr * (m / (1 - 0.9**k)) / (np.sqrt(v / (1 - 0.999**k)) + 1e-8)
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("ema_decay", [0.2, 0.999])
+def test_two_training_steps_by_value(tmp_path, ema_decay):
+    # loss = w·g_k at step k, so the gradient is g_k: (3, 4) is clipped to norm 1, (0.3, -0.4)
+    # is not. lr 0.1 warms up over 4 steps (0.025, 0.05); the EMA decays by
+    # min(ema_decay, (1 + n)/(10 + n)) at update n: 2/11, then 0.2 or 3/12
+    gradients = [[3.0, 4.0], [0.3, -0.4]]
+    objective = lambda net, batch, step: ((net.w * torch.tensor(gradients[step])).sum(), {})  # noqa: E731
+    meta = dict(stage="teacher", dataset="8gaussians", model_name="weights", data_shape=[2])
+    sf.train(Weights(), objective, sf.TrainingData(torch.zeros(4, 2)), steps=2, batch_size=4, lr=0.1, lr_warmup=4,
+             grad_clip=1.0, ema_decay=ema_decay, checkpoint=tmp_path / "teacher.pt", meta=meta)
+    w1, w2 = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=1.0)
+    d1, d2 = min(ema_decay, 2 / 11), min(ema_decay, 3 / 12)
+    ema = d2 * (d1 * np.array([1.0, -2.0]) + (1 - d1) * w1) + (1 - d2) * w2
+    ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
+    assert ckpt["step"] == 2
+    np.testing.assert_allclose(ckpt["model"]["w"].numpy(), w2, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ckpt["ema"]["w"].numpy(), ema, rtol=0, atol=1e-6)
+    unclipped = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=np.inf)[1]
+    assert np.abs(unclipped - w2).min() > 1e-3  # clipping shows in the second step
+
+
+def nan_at(bad_step, rank=None):
+    """The rectified-flow loss, made NaN at one step: in every process, or in process `rank`."""
+    def poisoned(net, x1, step):
+        loss, logs = sf.RectifiedFlowLoss()(net, x1, step)
+        return (loss * float("nan") if step == bad_step and rank in (None, sf.world()[0]) else loss), logs
+    return poisoned
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(sf.TrainingError, match=r"loss is not finite from step 7 on; stopped at step 10.*step 5\)"):
+        train_toy_teacher(tmp_path, nan_at(7), sf.TrainingData(torch.randn(100, 2)), ckpt_every=5)
+    ckpt = sf.read_checkpoint(tmp_path / "teacher.pt")
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "teacher.pt.tmp").exists()
+
+
+TINY = ["--steps", "20", "--batch-size", "64", "--teacher-model", "mlp-64x2", "--model", "mlp-64x2",
+        "--num-pairs", "256", "--log-every", "10", "--ckpt-every", "10", "--num-samples", "500"]
+
+
+def run(tmp_path, *argv):
+    return sf.main(["--out", str(tmp_path), *TINY, *argv])
+
+
+def state_of(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt["step"], ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"]
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", ["teacher", "reflow"])
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, stage):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for out in (straight, split):
+        assert run(out, "--stage", "teacher") == 0
+        assert run(out, "--stage", "pairs") == 0
+    assert run(straight, "--stage", stage, "--overwrite", "--steps", "30") == 0
+    assert run(split, "--stage", stage, "--overwrite", "--steps", "10") == 0
+    assert run(split, "--stage", stage, "--resume", "--steps", "30") == 0
+    step_a, model_a, ema_a, opt_a = state_of(straight / f"{stage}.pt")
+    step_b, model_b, ema_b, opt_b = state_of(split / f"{stage}.pt")
+    assert step_a == step_b == 30
+    assert_same_tensors(model_a, model_b)
+    assert_same_tensors(ema_a, ema_b)
+    for k in opt_a:
+        assert_same_tensors(opt_a[k], opt_b[k])
+
+
+@pytest.fixture
+def teacher_run(tmp_path):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    return tmp_path, (tmp_path / "teacher.pt").read_bytes()
+
+
+def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(teacher_run, monkeypatch):
+    out, before = teacher_run
+
+    def disk_full(obj, f, *args, **kwargs):  # writes part of the file, then fails
+        Path(f).write_bytes(before[:len(before) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(out, "--stage", "teacher", "--resume", "--steps", "30")
+    assert (out / "teacher.pt").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["teacher.pt"]  # no partial file left
+
+
+# ----------------------------------------------------------------------------- 8. The pipeline, stage by stage
+
+def test_all_stages_on_a_2d_toy(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "all", "--dataset", "moons") == 0
+    out = capsys.readouterr().out
+    for name in ["teacher.pt", "pairs.pt", "reflow.pt", "distill.pt", "results.json", "trajectories.png"]:
+        assert (tmp_path / name).exists(), name
+    assert "SlimFlow one-step generator" in out and "SW2 floor" in out
+    pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
+    assert pairs["z0"].shape == pairs["z1"].shape == (256, 2)
+    # every stage resumes as finished: nothing is retrained or rewritten
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")}
+    assert run(tmp_path, "--stage", "all", "--dataset", "moons", "--resume") == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")} == before
+    assert run(tmp_path, "--stage", "sample", "--dataset", "moons", "--sampler", "heun", "--nfe", "3") == 0
+    assert np.load(tmp_path / "samples_distill.npy").shape == (500, 2)
+    assert run(tmp_path, "--stage", "sample", "--dataset", "moons", "--from", "reflow", "--sampler", "euler",
+               "--nfe", "2") == 0
+    assert "NFE 2" in capsys.readouterr().out
+
+
+def test_the_default_run_s_generator_beats_one_euler_step_of_its_guide(tmp_path):
+    # `python slimflow.py` with a tenth of its steps: the one-step generator is much closer to
+    # the data than one Euler step of the 2-rectified flow that guides it (0.59x here; 0.68x in
+    # the full default run) and than one Euler step of the teacher (0.28x)
+    assert sf.main(["--out", str(tmp_path), "--steps", "300", "--num-samples", "2000"]) == 0
+    sw2 = {row["method"]: row["sw2"] for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    generator = sw2["SlimFlow one-step generator"]
+    assert generator < 0.8 * sw2["2-rectified flow (one Euler step)"]
+    assert generator < 0.5 * sw2["teacher, 1-RF (one Euler step)"]
+
+
+def last_log(out, stage):
+    """{name: value} of the last training log line of `stage` in printed output."""
+    line = [line for line in out.splitlines() if line.startswith(f"[{stage}] step ")][-1]
+    return {k: float(v) for k, v in re.findall(r"([a-z]+) (-?\d+\.\d+)(?= |$)", line)}
+
+
+def test_distill_stage_weighs_the_regularizer_by_reg_weight(tmp_path, capsys):
+    # The student starts as the 2-rectified flow, so the regularizer starts near 0 and its printed value
+    # says little; what --reg-weight and --target-form change is the trained student.
+    for stage in ("teacher", "pairs", "reflow"):
         assert run(tmp_path, "--stage", stage) == 0
-    capsys.readouterr()
-    assert run(tmp_path, "--stage", "sample", "--teacher-ckpt", str(tmp_path / "pairs.pt"), "--from", "teacher") == 2
-    assert_one_line_error(capsys, "holds the 'pairs' stage, not 'teacher'")
+    students = {}
+    for weight, form in (("0", "official"), ("0.5", "official"), ("0.5", "paper")):
+        capsys.readouterr()
+        assert run(tmp_path, "--stage", "distill", "--reg-weight", weight, "--target-form", form, "--overwrite") == 0
+        log = last_log(capsys.readouterr().out, "distill")
+        if weight == "0":
+            assert "reg" not in log and log["loss"] == log["pair"]
+        else:
+            assert "reg" in log and log["loss"] >= log["pair"]
+        students[weight, form] = sf.read_checkpoint(tmp_path / "distill.pt")["model"]
+    for a, b in [(("0", "official"), ("0.5", "official")), (("0.5", "official"), ("0.5", "paper"))]:
+        assert any(not torch.equal(students[a][k], students[b][k]) for k in students[a]), (a, b)
+
+
+def test_all_stages_on_shapes_images(tmp_path, capsys):
+    argv = ["--dataset", "shapes", "--max-images", "64", "--teacher-model", "unet-micro", "--model", "unet-micro",
+            "--steps", "3", "--batch-size", "4", "--num-pairs", "8", "--pairs-batch", "8", "--num-samples", "4",
+            "--rtol", "1e-2", "--atol", "1e-2", "--preview-every", "3", "--out", str(tmp_path), "--stage", "all"]
+    assert sf.main(argv) == 0
+    for stage in sf.FLOW_STAGES:
+        x = np.load(tmp_path / f"samples_{stage}.npy")
+        assert x.shape == (4, 3, 32, 32) and np.isfinite(x).all()
+        assert (tmp_path / f"samples_{stage}.png").exists()
+        assert (tmp_path / "previews" / f"{stage}_0000003.png").exists()
+    pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
+    assert pairs["z1"].shape == (8, 3, 32, 32)
 
 
 def test_all_with_a_given_teacher_trains_no_teacher(tmp_path, capsys):
@@ -1365,50 +915,375 @@ def test_traflow_stage_on_shapes(tmp_path):
     assert np.load(tmp_path / "samples_traflow.npy").shape == (4, 3, 32, 32)
 
 
-# ----------------------------------------------------------------------------- speed
+# ----------------------------------------------------------------------------- 9. Image data
 
-def synchronisations(out, steps):
-    """How many times train() makes the host wait for the GPU, in CUDA's sync-debug mode."""
-    data = sf.TrainingData(torch.randn(1000, 2), device="cuda")
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            train_toy_teacher(out, sf.RectifiedFlowLoss(), data, device="cuda", steps=steps)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+def test_shapes_images_are_varied_uint8():
+    x = sf.shapes_images(50, 32, seed=0)
+    assert x.shape == (50, 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(x, sf.shapes_images(50, 32, seed=0))
+    per_image_colours = [torch.unique(img.reshape(3, -1), dim=1).shape[1] for img in x]
+    assert set(per_image_colours) == {2}  # one shape on a plain background
+    assert x.float().std() > 50
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_training_steps_do_not_wait_for_the_gpu(tmp_path):  # only logs, checkpoints and previews do
-    assert 0 < synchronisations(tmp_path / "a", 3) == synchronisations(tmp_path / "b", 9)  # one log and save each
+def test_idx_files_are_read_like_the_mnist_format(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    header = b"\x00\x00\x08\x03" + b"".join(int(v).to_bytes(4, "big") for v in (3, 28, 28))
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + images.tobytes())
+    x = sf.image_dataset("fashion_mnist", tmp_path, image_size=32)
+    assert x.shape == (3, 1, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(sf.read_idx_images(tmp_path / "train-images-idx3-ubyte.gz")[:, 0], torch.from_numpy(images))
 
 
-def test_bf16_autocast_trains_on_the_cpu(tmp_path):
-    assert run(tmp_path, "--stage", "teacher", "--precision", "bf16") == 0
-    ckpt = torch.load(tmp_path / "teacher.pt", weights_only=True)
-    assert ckpt["step"] == 20 and all(v.dtype == torch.float32 for v in ckpt["model"].values())  # fp32 master weights
-    assert ckpt["training"]["precision"] == "bf16"
+def test_folder_images_are_resized(tmp_path):
+    from PIL import Image
+    for i, size in enumerate([(40, 30), (64, 64)]):
+        Image.new("RGB", size, (i * 100, 20, 30)).save(tmp_path / f"{i}.png")
+    x = sf.image_dataset("folder", tmp_path, image_size=16)
+    assert x.shape == (2, 3, 16, 16) and x[1, 0, 0, 0] == 100
 
 
-def test_precision_defaults_to_fp32_without_a_bf16_gpu():
-    assert sf.resolve_precision(None, "cpu") == "fp32" and sf.resolve_precision("bf16", "cpu") == "bf16"
+def test_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(sf.UsageError, match="offline") as err:
+        sf.image_dataset("cifar10", tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
 
 
-def test_bench_compares_student_and_teacher(tmp_path, capsys):
-    rows = sf.stage_bench(sf.parse_args(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro",
-                                         "--teacher-model", "unet-tiny", "--batch-size", "2",
-                                         "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path)]))
-    assert [(r["model"], r["precision"], r["compiled"]) for r in rows] == [("unet-micro", "fp32", False),
-                                                                           ("unet-tiny", "fp32", False)]
-    assert rows[1]["params"] > rows[0]["params"] and rows[1]["macs"] > rows[0]["macs"]
-    assert all(r["train"] > 0 and 0 < r["one_step_of_ceiling"] and r["rk45_nfe"] > 1 and r["rk45"] > 0 for r in rows)
-    out = capsys.readouterr().out
-    assert "matmul ceiling fp32" in out and "one-step sampling of unet-micro / RK45 sampling of unet-tiny" in out
+def test_to_unit_range_maps_8_bit_levels_onto_minus_one_to_one():
+    levels = sf.to_unit_range(torch.tensor([0, 51, 255], dtype=torch.uint8))
+    assert levels.dtype == torch.float32
+    torch.testing.assert_close(levels, torch.tensor([-1.0, -0.6, 1.0]), rtol=0, atol=1e-6)
+    x = torch.tensor([0.25, -3.0], dtype=torch.float64)
+    assert torch.equal(sf.to_unit_range(x), x.float())  # float data (points, pairs) pass through
 
 
-# ----------------------------------------------------------------------------- pairs in shards
+def test_processes_draw_slices_of_one_global_batch():
+    # two processes with batch 4 see exactly the 8 examples one process with batch 8 sees, flips included
+    z = torch.randn(50, 1, 2, 3)
+    one, rank0, rank1 = (sf.TrainingData(z, 2 * z, flip=True, seed=3) for _ in range(3))
+    for _ in range(3):
+        whole = one.sample(8)
+        parts = rank0.sample(4, rank=0, processes=2), rank1.sample(4, rank=1, processes=2)
+        for i in range(2):
+            assert torch.equal(whole[i], torch.cat([parts[0][i], parts[1][i]]))
+
+
+def test_the_data_stream_is_the_seed_s_and_not_the_global_rng():
+    z = torch.arange(100.0)[:, None]
+    torch.manual_seed(0)
+    a = sf.TrainingData(z, seed=1).sample(16)
+    torch.manual_seed(1)
+    assert torch.equal(a, sf.TrainingData(z, seed=1).sample(16))
+    assert not torch.equal(a, sf.TrainingData(z, seed=2).sample(16))
+
+
+def test_pairs_share_one_flip():
+    z = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 1, 1, 4)
+    data = sf.TrainingData(z, z.clone(), flip=True)
+    torch.manual_seed(0)
+    batches = [data.sample(16) for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in batches)
+    assert any(torch.equal(a[i, 0, 0], a[i, 0, 0].sort().values.flip(0)) for a, _ in batches for i in range(16))
+
+
+# ----------------------------------------------------------------------------- 10. Networks by name, official names
+
+OFFICIAL_PARAMS = {"rf-61.8m": 61_804_419, "slim-27.9m": 27_906_179, "slim-15.7m": 15_707_235,
+                   "slim-7.0m": 6_989_891, "slim-3.4m": 3_437_123}
+
+
+@pytest.mark.parametrize("name", OFFICIAL_PARAMS)
+def test_unet_has_official_parameter_count(name):
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        net = sf.UNet(**sf.PRESETS[name])
+    assert sf.num_params(net) == OFFICIAL_PARAMS[name]
+
+
+def test_build_model_rejects_preset_of_the_other_kind():
+    with pytest.raises(sf.UsageError, match="does not fit image data"):
+        sf.build_model("mlp-96x3", (3, 32, 32))
+
+
+def test_a_two_time_network_starts_as_the_one_time_network():
+    torch.manual_seed(0)
+    for one, x in [(sf.MLP(hidden=16, depth=2), torch.randn(4, 2)),
+                   (sf.UNet(**sf.PRESETS["unet-micro"]), torch.randn(2, 3, 32, 32))]:
+        with torch.no_grad():
+            for p in one.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        two = type(one)(**({"hidden": 16, "depth": 2} if isinstance(one, sf.MLP) else sf.PRESETS["unet-micro"]),
+                        two_times=True)
+        two.load_state_dict(sf.add_second_time(one.state_dict()))
+        t, s = torch.rand(len(x)), torch.rand(len(x))
+        torch.testing.assert_close(two(x, t, t), one(x, t), atol=1e-5, rtol=1e-5)
+        # t and s enter alike, as two halves of one embedding; and s is read
+        torch.testing.assert_close(two(x, t, s), two(x, s, t), atol=1e-5, rtol=1e-5)
+        assert (two(x, t, s) - one(x, t)).abs().max() > 1e-3
+
+
+def official_ncsnpp(W, x, t, nf, ch_mult, num_res_blocks, attn_resolutions=(16,)):
+    """The official NCSN++ forward on the official tensor names W, written here from the
+    RectifiedFlow / SlimFlow code (models/ncsnpp.py, layerspp.py: BigGAN residual blocks
+    without FIR, AttnBlockpp, skip rescale, positional embedding of 999·t), independently of
+    slimflow's UNet: it walks `all_modules.<i>` in order, as the official forward does."""
+    n = 0
+
+    def module():  # the tensors of the next official module, by their names inside it
+        nonlocal n
+        prefix, n = f"all_modules.{n}.", n + 1
+        return {k[len(prefix):]: v for k, v in W.items() if k.startswith(prefix)}
+
+    def group_norm(p, h, name=""):
+        return F.group_norm(h, min(h.shape[1] // 4, 32), p[f"{name}weight"], p[f"{name}bias"], eps=1e-6)
+
+    def conv(p, h, name=""):
+        weight = p[f"{name}weight"]
+        return F.conv2d(h, weight, p[f"{name}bias"], padding=weight.shape[-1] // 2)
+
+    def resnet_block(p, x, up=False, down=False):  # ResnetBlockBigGANpp
+        h = F.silu(group_norm(p, x, "GroupNorm_0."))
+        if up:  # naive_upsample_2d
+            h, x = (y.repeat_interleave(2, 2).repeat_interleave(2, 3) for y in (h, x))
+        if down:  # naive_downsample_2d
+            h, x = (y.unflatten(3, (-1, 2)).unflatten(2, (-1, 2)).mean((3, 5)) for y in (h, x))
+        h = conv(p, h, "Conv_0.") + (F.silu(temb) @ p["Dense_0.weight"].T + p["Dense_0.bias"])[:, :, None, None]
+        h = conv(p, F.silu(group_norm(p, h, "GroupNorm_1.")), "Conv_1.")
+        if "Conv_2.weight" in p:
+            x = conv(p, x, "Conv_2.")
+        return (x + h) / math.sqrt(2)
+
+    def attention(p, x):  # AttnBlockpp; NIN is x·W + b over channels
+        B, C, H, Wd = x.shape
+        h = group_norm(p, x, "GroupNorm_0.")
+        q, k, v = (torch.einsum("bchw,cd->bdhw", h, p[f"NIN_{i}.W"]) + p[f"NIN_{i}.b"][:, None, None] for i in range(3))
+        w = (torch.einsum("bchw,bcij->bhwij", q, k) * C ** -0.5).reshape(B, H, Wd, H * Wd).softmax(-1)
+        h = torch.einsum("bhwij,bcij->bchw", w.reshape(B, H, Wd, H, Wd), v)
+        h = torch.einsum("bchw,cd->bdhw", h, p["NIN_3.W"]) + p["NIN_3.b"][:, None, None]
+        return (x + h) / math.sqrt(2)
+
+    half = nf // 2
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=x.dtype) / (half - 1))
+    emb = 999 * t[:, None] * freqs
+    emb = torch.cat([emb.sin(), emb.cos()], 1)
+    p = module()
+    temb = F.silu(emb @ p["weight"].T + p["bias"])
+    p = module()
+    temb = temb @ p["weight"].T + p["bias"]
+    hs = [conv(module(), x)]
+    for level in range(len(ch_mult)):
+        for _ in range(num_res_blocks):
+            h = resnet_block(module(), hs[-1])
+            if h.shape[-1] in attn_resolutions:
+                h = attention(module(), h)
+            hs.append(h)
+        if level != len(ch_mult) - 1:
+            hs.append(resnet_block(module(), hs[-1], down=True))
+    h = resnet_block(module(), hs[-1])
+    h = attention(module(), h)
+    h = resnet_block(module(), h)
+    for level in reversed(range(len(ch_mult))):
+        for _ in range(num_res_blocks + 1):
+            h = resnet_block(module(), torch.cat([h, hs.pop()], 1))
+        if h.shape[-1] in attn_resolutions:
+            h = attention(module(), h)
+        if level != 0:
+            h = resnet_block(module(), h, up=True)
+    h = F.silu(group_norm(module(), h))
+    h = conv(module(), h)
+    assert not hs and not module(), "official modules left unused"
+    return h
+
+
+@pytest.mark.parametrize("config", [dict(nf=16, ch_mult=(1, 2), num_res_blocks=1),
+                                    dict(nf=16, ch_mult=(1, 2, 2), num_res_blocks=2)])
+def test_unet_computes_the_official_function_from_official_tensors(config, capsys):
+    # every official tensor random and distinct, so a tensor in the wrong place (Conv_0 for
+    # Conv_1, NIN_0 for NIN_1, a missing transpose) or a wrong wiring changes the output
+    net = sf.UNet(**config, dropout=0.0).double().eval()
+    g = torch.Generator().manual_seed(0)
+    W = {k: 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64) + (k.endswith("weight") and v.dim() == 1)
+         for k, v in sf.to_official(net.state_dict()).items()}  # GroupNorm scales near 1
+    net.load_state_dict(sf.from_official(W))
+    x, t = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64), torch.tensor([0.3, 0.8], dtype=torch.float64)
+    expected = official_ncsnpp(W, x, t, **config)
+    assert expected.abs().mean() > 0.1
+    torch.testing.assert_close(net(x, t), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("preset", OFFICIAL_LAYOUTS)
+def test_every_official_tensor_maps_to_exactly_one_of_ours_and_back(preset, capsys):
+    entries, sha256, spelled_out = OFFICIAL_LAYOUTS[preset]
+    with torch.device("meta"):
+        ours = sf.UNet(**sf.PRESETS[preset]).state_dict()
+    official = {"sigmas": torch.empty(1000, device="meta"), **sf.to_official(ours)}
+    lines = layout_lines(official)  # names, shapes and order of the official network's state dict
+    assert len(lines) == entries and set(spelled_out) <= set(lines)
+    assert sha256_of_lines(lines) == sha256
+    converted = sf.from_official(official)
+    assert "ignored: sigmas" in capsys.readouterr().out
+    assert converted.keys() == ours.keys()  # one to one: no tensor lost, none invented
+    assert all(converted[k].shape == ours[k].shape for k in ours)
+
+
+def official_file(net, path, ema_scale=None, drop=None, reshape=None):
+    """An official-layout checkpoint made from our network: `module.` names, EMA list."""
+    model = {"module.sigmas": torch.linspace(0.01, 50, 1000),
+             **{f"module.{k}": v.clone() for k, v in sf.to_official(net.state_dict()).items()}}
+    if drop:
+        del model[f"module.{drop}"]
+    if reshape:
+        model[f"module.{reshape}"] = torch.zeros(3, 3)
+    shadow = [v for k, v in model.items() if k != "module.sigmas"]
+    if ema_scale is not None:  # EMA weights that differ from the raw ones
+        model = {k: (v * ema_scale if k != "module.sigmas" else v) for k, v in model.items()}
+    torch.save({"model": model, "ema": {"decay": 0.9999, "num_updates": 10, "shadow_params": shadow},
+                "optimizer": {}, "step": 10}, path)
+
+
+def randomised_unet():
+    torch.manual_seed(0)
+    net = sf.UNet(**sf.PRESETS["unet-micro"]).eval()
+    with torch.no_grad():  # every tensor non-zero, so a misplaced one changes the output
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def test_an_official_checkpoint_loads_and_computes_the_same_function(tmp_path):
+    net = randomised_unet()
+    official_file(net, tmp_path / "official.pth", ema_scale=0.0)  # raw weights zeroed: EMA must be used
+    loaded = sf.load_checkpoint(tmp_path / "official.pth", sf.UNet(**sf.PRESETS["unet-micro"]).eval())
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    assert torch.equal(loaded(x, t), net(x, t))
+
+
+def test_official_attention_projections_are_transposed(tmp_path):
+    net = randomised_unet()
+    official = sf.to_official(net.state_dict())
+    block = next(i for i, b in enumerate(net.blocks) if isinstance(b, sf.Attention))
+    assert torch.equal(official[f"all_modules.{block + 3}.NIN_0.W"], net.blocks[block].q.weight[:, :, 0, 0].t())
+
+
+@pytest.mark.parametrize("drop, reshape, pattern", [
+    ("all_modules.5.Conv_0.bias", None, "tensor all_modules.5.Conv_0.bias is missing"),
+    (None, "all_modules.4.Conv_1.weight", "tensor all_modules.4.Conv_1.weight has shape (3, 3), the network needs"),
+])
+def test_an_official_layout_with_a_bad_tensor_is_refused(tmp_path, drop, reshape, pattern):
+    official_file(randomised_unet(), tmp_path / "bad.pth", drop=drop, reshape=reshape)
+    with pytest.raises(sf.UsageError, match=pattern.replace("(", r"\(").replace(")", r"\)")):
+        sf.load_checkpoint(tmp_path / "bad.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
+
+
+def test_an_official_model_without_ema_loads_its_raw_weights(tmp_path):
+    net = randomised_unet()
+    torch.save({"model": {f"module.{k}": v for k, v in sf.to_official(net.state_dict()).items()}, "step": 0},
+               tmp_path / "noema.pth")
+    loaded = sf.load_checkpoint(tmp_path / "noema.pth", sf.UNet(**sf.PRESETS["unet-micro"]).eval())
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    assert torch.equal(loaded(x, t), net(x, t))
+
+
+def test_an_official_ema_of_another_length_is_refused(tmp_path):
+    net = randomised_unet()
+    model = {f"module.{k}": v for k, v in sf.to_official(net.state_dict()).items()}
+    torch.save({"model": model, "ema": {"shadow_params": list(model.values())[:-1]}}, tmp_path / "short.pth")
+    with pytest.raises(sf.UsageError, match="EMA holds"):
+        sf.load_checkpoint(tmp_path / "short.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
+
+
+def test_pairs_stage_starts_from_an_official_teacher(tmp_path, capsys):
+    official_file(randomised_unet(), tmp_path / "teacher_official.pth")
+    argv = ["--dataset", "shapes", "--out", str(tmp_path), "--stage", "pairs", "--teacher-model", "unet-micro",
+            "--teacher-ckpt", str(tmp_path / "teacher_official.pth"), "--num-pairs", "4", "--pairs-batch", "4",
+            "--rtol", "1e-2", "--atol", "1e-2"]
+    assert sf.main(argv) == 0
+    assert torch.load(tmp_path / "pairs.pt", weights_only=True)["z1"].shape == (4, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- 11. Checkpoints
+# One line on stderr, exit status 2, and nothing that exists is modified.
+
+def assert_one_line_error(capsys, pattern):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert pattern in err, err
+
+
+def test_a_checkpoint_without_the_data_stream_is_not_resumed(teacher_run, capsys):
+    out, _ = teacher_run
+    ckpt = torch.load(out / "teacher.pt", weights_only=True)
+    ckpt["rng"] = ckpt["rng"]["processes"][0]  # the layout of older slimflow checkpoints
+    torch.save(ckpt, out / "teacher.pt")
+    before = (out / "teacher.pt").read_bytes()
+    capsys.readouterr()
+    assert run(out, "--stage", "teacher", "--resume", "--steps", "40") == 2
+    assert_one_line_error(capsys, "written by an older slimflow")
+    assert (out / "teacher.pt").read_bytes() == before
+
+
+def test_resuming_with_another_architecture_is_refused(teacher_run, capsys):
+    out, before = teacher_run
+    capsys.readouterr()
+    assert run(out, "--stage", "teacher", "--resume", "--steps", "40", "--teacher-model", "mlp-96x3") == 2
+    assert_one_line_error(capsys, "holds a 'mlp-64x2' network, not 'mlp-96x3'")
+    assert (out / "teacher.pt").read_bytes() == before
+
+
+def test_a_checkpoint_of_another_dataset_is_refused(teacher_run, capsys):
+    out, before = teacher_run
+    capsys.readouterr()
+    assert run(out, "--stage", "pairs", "--dataset", "moons") == 2
+    assert_one_line_error(capsys, "made for dataset '8gaussians', not 'moons'")
+    assert not (out / "pairs.pt").exists()
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
+def test_a_corrupt_checkpoint_is_a_one_line_error(teacher_run, capsys, garbage):
+    out, _ = teacher_run
+    (out / "teacher.pt").write_bytes(garbage)
+    capsys.readouterr()
+    assert run(out, "--stage", "teacher", "--resume", "--steps", "40") == 2
+    assert_one_line_error(capsys, "is corrupt or not a slimflow file")
+    assert (out / "teacher.pt").read_bytes() == garbage
+    assert run(out, "--stage", "sample", "--from", "teacher") == 2
+
+
+def test_a_checkpoint_of_another_stage_is_refused(tmp_path, capsys):
+    for stage in ("teacher", "pairs"):
+        assert run(tmp_path, "--stage", stage) == 0
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "sample", "--teacher-ckpt", str(tmp_path / "pairs.pt"), "--from", "teacher") == 2
+    assert_one_line_error(capsys, "holds the 'pairs' stage, not 'teacher'")
+
+
+# ----------------------------------------------------------------------------- 12. The run directory
+
+def test_lpips_without_the_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips raises ImportError
+    with pytest.raises(sf.UsageError, match="pip install lpips"):
+        sf.lpips_distance("cpu")
+
+
+def test_a_stage_without_its_input_names_the_command_that_makes_it(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "pairs") == 2
+    assert_one_line_error(capsys, f"make it with: python slimflow.py --dataset 8gaussians --out {tmp_path} --stage teacher")
+
+
+def test_finished_work_is_not_overwritten_without_asking(teacher_run, capsys):
+    out, before = teacher_run
+    capsys.readouterr()
+    assert run(out, "--stage", "teacher") == 2
+    assert_one_line_error(capsys, "pass --resume to continue it or --overwrite")
+    assert (out / "teacher.pt").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- 13. Pairs in shards
 
 def test_image_pairs_are_float16_and_exact_for_their_rounded_noise(tmp_path):
     argv = ["--dataset", "shapes", "--max-images", "32", "--teacher-model", "unet-micro", "--steps", "2",
@@ -1475,16 +1350,6 @@ def test_finished_pairs_of_another_teacher_are_not_reused(tmp_path, capsys):
     assert_one_line_error(capsys, "was solved with another num_pairs, teacher;")
 
 
-def test_samples_never_reuse_the_noise_of_the_training_pairs(tmp_path):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    assert run(tmp_path, "--stage", "pairs") == 0
-    args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "sample", "--num-samples", "256"])
-    noise, _ = sf.generate_all(lambda z: z, "distill", args)  # a generator that returns its noise
-    z0 = torch.load(tmp_path / "pairs.pt", weights_only=True)["z0"]
-    assert noise.shape == z0.shape and (noise - z0).abs().min() > 0
-    assert torch.equal(noise, sf.generate_all(lambda z: z, "distill", args)[0])  # and is fixed by the seed
-
-
 def test_shards_of_another_run_are_refused_until_overwrite(tmp_path, capsys):
     assert run(tmp_path, "--stage", "teacher") == 0
     shards = tmp_path / "pairs.shards"
@@ -1498,7 +1363,7 @@ def test_shards_of_another_run_are_refused_until_overwrite(tmp_path, capsys):
     assert torch.load(tmp_path / "pairs.pt", weights_only=True)["z1"].shape == (256, 2)
 
 
-# ----------------------------------------------------------------------------- several processes
+# ----------------------------------------------------------------------------- 14. Several processes
 # Two CPU processes with gloo, started by torch.multiprocessing with the environment that
 # torchrun gives its processes (torchrun starts them the same way on GPUs, with NCCL).
 
@@ -1610,6 +1475,145 @@ def test_two_processes_resume_exactly(tmp_path):
     assert step_a == step_b == 12
     assert_same_tensors(model_a, model_b)
     assert_same_tensors(ema_a, ema_b)
+
+
+# ----------------------------------------------------------------------------- 15. Sampling and evaluation
+
+def test_fid_weights_offline_is_a_clear_error_naming_the_path(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(sf.UsageError, match="put it at") as err:
+        sf.fid_weights_path(tmp_path / "cache")
+    assert str((tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").resolve()) in str(err.value)
+    assert not any((tmp_path / "cache").iterdir())  # no partial file left behind
+    (tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
+    assert sf.fid_weights_path(tmp_path / "cache").name == "pt_inception-2015-12-05-6726825d.pth"
+
+
+@pytest.mark.parametrize("preset, conv_linear, total", [("slim-15.7m", 3.70e9, 3.90e9), ("slim-27.9m", 6.57e9, 6.89e9)])
+def test_macs_of_the_official_students(preset, conv_linear, total):
+    macs = sf.count_macs(sf.UNet(**sf.PRESETS[preset]).eval(), torch.randn(1, 3, 32, 32), torch.rand(1))
+    assert macs["conv"] + macs["linear"] == pytest.approx(conv_linear, rel=0.01)
+    assert macs["total"] == pytest.approx(total, rel=0.01)
+    assert macs["total"] == macs["conv"] + macs["linear"] + macs["attention"]
+
+
+def test_macs_of_an_mlp_are_its_weight_count_per_sample():
+    net = sf.MLP(hidden=32, depth=2, temb_dim=16)
+    weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.Linear))
+    assert sf.count_macs(net, torch.randn(5, 2), torch.rand(5)) == {"conv": 0, "linear": weights, "attention": 0,
+                                                                    "total": weights}
+
+
+def test_samples_never_reuse_the_noise_of_the_training_pairs(tmp_path):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    assert run(tmp_path, "--stage", "pairs") == 0
+    args = sf.parse_args(["--out", str(tmp_path), *TINY, "--stage", "sample", "--num-samples", "256"])
+    noise, _ = sf.generate_all(lambda z: z, "distill", args)  # a generator that returns its noise
+    z0 = torch.load(tmp_path / "pairs.pt", weights_only=True)["z0"]
+    assert noise.shape == z0.shape and (noise - z0).abs().min() > 0
+    assert torch.equal(noise, sf.generate_all(lambda z: z, "distill", args)[0])  # and is fixed by the seed
+
+
+def test_eval_on_a_tiny_2d_run(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    assert run(tmp_path, "--stage", "eval", "--sampler", "euler", "--nfe", "4") == 0
+    row = json.loads((tmp_path / "metrics.json").read_text())["teacher (euler) nfe=4"]
+    assert row["nfe"] == 4 and row["params"] == 8578 and row["flops"] == 2 * row["macs"] > 0
+    assert row["sw2"] > 0 and row["sw2_floor"] > 0 and row["straightness"] > 0 and row["samples_per_s"] > 0
+    assert "SW2 floor" in capsys.readouterr().out
+
+
+def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
+    argv = ["--dataset", "shapes", "--max-images", "48", "--teacher-model", "unet-micro", "--steps", "2",
+            "--batch-size", "4", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]
+    assert sf.main([*argv, "--stage", "teacher"]) == 0
+    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())  # 3·8·8 = 192 features
+    args = sf.parse_args([*argv, "--stage", "eval", "--num-samples", "48", "--pairs-batch", "8", "--sampler", "euler",
+                          "--nfe", "2"])
+    row = sf.stage_eval(args, extractor=extractor)
+    assert row["fid"] > 0 and row["nfe"] == 2 and row["macs_with_attention"] > row["macs"] > 0
+    assert len(list((tmp_path / "data").glob("fid_stats_shapes_train_32px_48_*.npz"))) == 1  # cached
+    assert sf.stage_eval(args, extractor=extractor)["fid"] == pytest.approx(row["fid"], rel=1e-9)
+
+
+def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
+    args = sf.parse_args(["--dataset", "shapes", "--max-images", "48", "--out", str(tmp_path), "--data-dir",
+                          str(tmp_path / "data"), "--stage", "eval", "--pairs-batch", "16"])
+    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
+    real = sf.to_unit_range(sf.image_dataset("shapes", args.data_dir, 32, 48, args.seed))
+    assert sf.fid_of(real + 0.0035, args, extractor) == pytest.approx(0, abs=1e-4)  # within half an 8-bit level
+    assert sf.fid_of(real + 0.01, args, extractor) > 1e-3
+
+
+# ----------------------------------------------------------------------------- 16. Bench
+
+def synchronisations(out, steps):
+    """How many times train() makes the host wait for the GPU, in CUDA's sync-debug mode."""
+    data = sf.TrainingData(torch.randn(1000, 2), device="cuda")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_toy_teacher(out, sf.RectifiedFlowLoss(), data, device="cuda", steps=steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_training_steps_do_not_wait_for_the_gpu(tmp_path):  # only logs, checkpoints and previews do
+    assert 0 < synchronisations(tmp_path / "a", 3) == synchronisations(tmp_path / "b", 9)  # one log and save each
+
+
+def test_precision_defaults_to_fp32_without_a_bf16_gpu():
+    assert sf.resolve_precision(None, "cpu") == "fp32" and sf.resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path):
+    assert run(tmp_path, "--stage", "teacher", "--precision", "bf16") == 0
+    ckpt = torch.load(tmp_path / "teacher.pt", weights_only=True)
+    assert ckpt["step"] == 20 and all(v.dtype == torch.float32 for v in ckpt["model"].values())  # fp32 master weights
+    assert ckpt["training"]["precision"] == "bf16"
+
+
+def test_bench_compares_student_and_teacher(tmp_path, capsys):
+    rows = sf.stage_bench(sf.parse_args(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro",
+                                         "--teacher-model", "unet-tiny", "--batch-size", "2",
+                                         "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path)]))
+    assert [(r["model"], r["precision"], r["compiled"]) for r in rows] == [("unet-micro", "fp32", False),
+                                                                           ("unet-tiny", "fp32", False)]
+    assert rows[1]["params"] > rows[0]["params"] and rows[1]["macs"] > rows[0]["macs"]
+    assert all(r["train"] > 0 and 0 < r["one_step_of_ceiling"] and r["rk45_nfe"] > 1 and r["rk45"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "matmul ceiling fp32" in out and "one-step sampling of unet-micro / RK45 sampling of unet-tiny" in out
+
+
+# ----------------------------------------------------------------------------- 17. Settings and the command line
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--dataset", "nope"], "invalid choice: 'nope'"),
+    (["--stage", "nope"], "invalid choice: 'nope'"),
+    (["--steps", "0"], "must be a positive integer"),
+    (["--batch-size", "-4"], "must be a positive integer"),
+    (["--lr", "0"], "must be positive"),
+    (["--num-pairs", "0"], "must be a positive integer"),
+    (["--image-size", "-1"], "must be a positive integer"),
+    (["--device", "nope"], "device 'nope'"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, pattern):
+    assert sf.main(["--out", str(tmp_path), *argv]) == 2
+    assert_one_line_error(capsys, pattern)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_command_line_exits_with_status_2_and_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(HERE / "slimflow.py"), "--out", str(tmp_path), "--steps", "-3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
 
 
 # ----------------------------------------------------------------------------- the notebook
