@@ -1862,26 +1862,15 @@ def settings_for(given, stage=None):
     return Settings(**merged, given=types.MappingProxyType(dict(given)))
 
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def non_negative(kind):
+def number(kind, strict=True):
+    """An argparse type: a `kind` > 0 (strict) or >= 0."""
     def parse(text):
         value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        if not (value > 0 if strict else value >= 0):
+            need = ("a positive integer" if kind is int else "positive") if strict else ">= 0"
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
         return value
+    parse.__name__ = kind.__name__  # argparse says "invalid int value: 'x'"
     return parse
 
 
@@ -1899,56 +1888,56 @@ def parse_args(argv=None):
     p.add_argument("--stage", choices=tuple(STAGES), help="default all")
     p.add_argument("--out", help="run directory (default runs/<dataset>)")
     p.add_argument("--data-dir", help="where image datasets are downloaded or read (default data)")
-    p.add_argument("--image-size", type=positive_int, help="default 32")
-    p.add_argument("--max-images", type=positive_int, help="use at most this many training images")
+    p.add_argument("--image-size", type=number(int), help="default 32")
+    p.add_argument("--max-images", type=number(int), help="use at most this many training images")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips of images and pairs (default on for images)")
     p.add_argument("--teacher-model", help=f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}")
     p.add_argument("--model", help="student preset (reflow and distill)")
     p.add_argument("--teacher-ckpt", help="teacher checkpoint to use instead of <out>/teacher.pt (ours or official)")
     p.add_argument("--init-ckpt", help="2-rectified flow to distill instead of <out>/reflow.pt (ours or official)")
-    p.add_argument("--steps", type=positive_int, help="training steps of the stage (all: of every stage)")
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--lr", type=positive_float)
-    p.add_argument("--lr-warmup", type=non_negative(int), help="learning-rate warm-up steps")
-    p.add_argument("--weight-decay", type=non_negative(float))
-    p.add_argument("--grad-clip", type=non_negative(float), help="max gradient norm (0: off)")
-    p.add_argument("--ema-decay", type=non_negative(float))
+    p.add_argument("--steps", type=number(int), help="training steps of the stage (all: of every stage)")
+    p.add_argument("--batch-size", type=number(int))
+    p.add_argument("--lr", type=number(float))
+    p.add_argument("--lr-warmup", type=number(int, strict=False), help="learning-rate warm-up steps")
+    p.add_argument("--weight-decay", type=number(float, strict=False))
+    p.add_argument("--grad-clip", type=number(float, strict=False), help="max gradient norm (0: off)")
+    p.add_argument("--ema-decay", type=number(float, strict=False))
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 autocast (default on GPUs with bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network for training")
     p.add_argument("--resume", action="store_true", help="continue the stage's checkpoint exactly")
     p.add_argument("--overwrite", action="store_true", help="start the stage over, replacing its output")
-    p.add_argument("--log-every", type=positive_int)
-    p.add_argument("--ckpt-every", type=positive_int)
-    p.add_argument("--preview-every", type=non_negative(int), help="sample previews every N steps (0: off)")
-    p.add_argument("--num-pairs", type=positive_int, help="reflow pairs to generate")
-    p.add_argument("--pairs-batch", type=positive_int,
+    p.add_argument("--log-every", type=number(int))
+    p.add_argument("--ckpt-every", type=number(int))
+    p.add_argument("--preview-every", type=number(int, strict=False), help="sample previews every N steps (0: off)")
+    p.add_argument("--num-pairs", type=number(int), help="reflow pairs to generate")
+    p.add_argument("--pairs-batch", type=number(int),
                    help="batch size of RK45 pair generation (one shard) and of sampling")
-    p.add_argument("--rtol", type=positive_float, help="RK45 relative tolerance (default 1e-5)")
-    p.add_argument("--atol", type=positive_float, help="RK45 absolute tolerance (default 1e-5)")
-    p.add_argument("--anneal-steps", type=non_negative(int), help="Annealing Reflow's K (0: plain reflow)")
+    p.add_argument("--rtol", type=number(float), help="RK45 relative tolerance (default 1e-5)")
+    p.add_argument("--atol", type=number(float), help="RK45 absolute tolerance (default 1e-5)")
+    p.add_argument("--anneal-steps", type=number(int, strict=False), help="Annealing Reflow's K (0: plain reflow)")
     p.add_argument("--beta-schedule", choices=("linear", "cosine", "exponential"), help="default linear")
     p.add_argument("--distance", choices=("l2", "huber", "lpips"), help="default l2")
-    p.add_argument("--reg-weight", type=non_negative(float),
+    p.add_argument("--reg-weight", type=number(float, strict=False),
                    help="lambda of the 2-rectified-flow regularization (default 1; 0: naive distillation)")
     p.add_argument("--target-form", choices=("official", "paper"),
                    help="first half step of the regularization target by the student (official, default) or v2")
     p.add_argument("--traflow-from", choices=("teacher", "reflow"),
                    help="the pre-trained flow TraFlow distills and starts from (default teacher)")
-    p.add_argument("--lambda-vel", type=non_negative(float), help="TraFlow velocity loss weight (default 1)")
-    p.add_argument("--lambda-cons", type=non_negative(float), help="TraFlow consistency loss weight (default 1)")
-    p.add_argument("--traflow-phases", type=non_negative(int),
+    p.add_argument("--lambda-vel", type=number(float, strict=False), help="TraFlow velocity loss weight (default 1)")
+    p.add_argument("--lambda-cons", type=number(float, strict=False), help="TraFlow consistency loss weight (default 1)")
+    p.add_argument("--traflow-phases", type=number(int, strict=False),
                    help="K > 0: consistency alone for K steps, then output + velocity (default 0: all at once)")
     p.add_argument("--traflow-midpoint", choices=("student", "teacher"), help="default student")
     p.add_argument("--traflow-target", choices=("stopgrad", "ema"), help="default stopgrad")
     p.add_argument("--sampler", choices=SAMPLERS, help="default rk45")
-    p.add_argument("--nfe", type=positive_int,
+    p.add_argument("--nfe", type=number(int),
                    help="NFE budget: euler N steps; heun (N+1)//2 steps, NFE 2·steps - 1; traflow N jumps (default 1)")
     p.add_argument("--from", dest="sample_from", choices=SAMPLE_SOURCES,
                    help="stage to sample or evaluate (default: the latest of teacher, reflow, distill)")
-    p.add_argument("--num-samples", type=positive_int, help="samples to draw (eval on images: 50,000)")
+    p.add_argument("--num-samples", type=number(int), help="samples to draw (eval on images: 50,000)")
     p.add_argument("--fid-weights", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "
                                           "default: downloaded once into <data-dir>/fid")
     return settings_for(vars(p.parse_args(argv)))
