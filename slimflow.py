@@ -53,13 +53,13 @@ class TrainingError(Exception):
 # =============================================================================
 # PART I: THE METHOD
 # Everything needed to learn SlimFlow, in the order the pipeline runs. The few names it
-# borrows from Part II (reading data, checkpoints, processes) say what they do.
+# borrows from the machinery below (reading data, checkpoints, processes) say what they do.
 # =============================================================================
 
 # -----------------------------------------------------------------------------
 # 1. Noise and data
 # Noise X0 ~ N(0, I) sits at t = 0 and data X1 at t = 1. Images are scaled to [-1, 1] and
-# read in Part II; the 2-D toys below train on a CPU in seconds.
+# read by the machinery; the 2-D toys below train on a CPU in seconds.
 
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals")
 
@@ -95,7 +95,7 @@ def toy_data(name, n, seed=0):
 # A velocity field v(x, t) with t of shape (batch,). The U-Net embeds 999·t with the
 # sinusoidal embedding of DDPM, built for integer-like diffusion steps; the toy MLP embeds
 # 10·t. The U-Net is the DDPM++ network of the official code block for block, so the
-# official sizes and checkpoints carry over (named sizes: PRESETS, in Part II).
+# official sizes and checkpoints carry over (named sizes: PRESETS, section 10).
 
 def time_embedding(t, dim, scale=999.0, max_period=10_000):
     """Sinusoidal embedding of scale·t: first half sines, second half cosines (at least
@@ -524,7 +524,7 @@ class TraFlowLoss:
 # where optimal transport is sorting; the projections are fixed by a seed, so numbers from
 # different runs compare. Straightness measures how far a flow's paths bend. FID compares
 # Gaussians fitted to Inception features of generated and real images (the pipeline that
-# feeds it, with downloads and caches, is in Part II).
+# feeds it, with downloads and caches, is in section 15).
 
 def sliced_wasserstein(a, b, num_projections=256, seed=0):
     """SW2(a, b) = sqrt(E_θ W2²(θᵀa, θᵀb)) over random unit directions θ; a, b: (n, ...)."""
@@ -617,7 +617,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # Written once; every stage calls it with its own objective. AdamW with a linear warm-up,
 # gradient clipping, and an EMA of the weights, which is what samples. Checkpoints hold all
 # that is needed to continue bit for bit, and a NaN never reaches one. The same loop runs
-# in one process or in several under torchrun (Part II).
+# in one process or in several under torchrun (section 14).
 
 @torch.no_grad()
 def update_ema(ema, net, decay):
@@ -693,8 +693,8 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
 # 8. The pipeline, stage by stage
 # Each stage reads what the one before wrote under --out (runs/<dataset>):
 #     teacher.pt -> pairs.pt -> reflow.pt -> distill.pt (or traflow.pt)
-# cfg holds one stage's settings, built in Part II from the defaults and the flags; the
-# default run (stage_all, in Part II) runs the four of SlimFlow in turn.
+# cfg holds one stage's settings, built from the defaults and the flags (section 17); the
+# default run (stage_all, section 15) runs the four of SlimFlow in turn.
 
 def stage_teacher(cfg):
     """The 1-rectified flow v1: rectified flow on noise and data paired at random."""
@@ -1927,7 +1927,8 @@ def parse_args(argv=None):
     p.add_argument("--traflow-from", choices=("teacher", "reflow"),
                    help="the pre-trained flow TraFlow distills and starts from (default teacher)")
     p.add_argument("--lambda-vel", type=number(float, strict=False), help="TraFlow velocity loss weight (default 1)")
-    p.add_argument("--lambda-cons", type=number(float, strict=False), help="TraFlow consistency loss weight (default 1)")
+    p.add_argument("--lambda-cons", type=number(float, strict=False),
+                   help="TraFlow consistency loss weight (default 1)")
     p.add_argument("--traflow-phases", type=number(int, strict=False),
                    help="K > 0: consistency alone for K steps, then output + velocity (default 0: all at once)")
     p.add_argument("--traflow-midpoint", choices=("student", "teacher"), help="default student")
