@@ -744,7 +744,6 @@ def stage_traflow(cfg):
                 preview=lambda g, z: traflow_sample(g, z, 1)[0], model_name=ckpt["model_name"])
 
 
-
 # =============================================================================
 # PART II: THE MACHINERY
 # Image files, networks by name and the official checkpoints, our checkpoints and the run
@@ -1049,9 +1048,10 @@ def resume_training(checkpoint, meta, net, ema, opt, data, seed):
     data.generator.set_state(ckpt["rng"]["data"])
     step = ckpt["step"]
     if len(ckpt["rng"]["processes"]) == processes:
-        torch.set_rng_state(ckpt["rng"]["processes"][rank]["torch"])
-        if ckpt["rng"]["processes"][rank]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["processes"][rank]["cuda"])
+        mine = ckpt["rng"]["processes"][rank]
+        torch.set_rng_state(mine["torch"])
+        if mine["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda"])
     else:  # the data stream continues (in global batches of another size); the noise cannot
         torch.manual_seed(seed + rank + processes * step)
         print(f"[{meta['stage']}] the checkpoint was written by {len(ckpt['rng']['processes'])} "
@@ -1319,7 +1319,8 @@ def solve_pairs(cfg, z0, solve, teacher):
     pair is exact) and float32 for 2-D points. Shards and pairs.pt keep their recipe (the
     teacher's weights as a hash, seed, count, tolerances): shards or a --resume of another
     recipe are refused, so pairs never outlive their teacher unnoticed."""
-    path, shards = out_path(cfg, "pairs"), out_path(cfg, "pairs").with_suffix(".shards")
+    path = out_path(cfg, "pairs")
+    shards = path.with_suffix(".shards")
     rank, processes = world()
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
     recipe = {"dataset": cfg.dataset, "shape": list(data_shape(cfg)), "seed": cfg.seed,
