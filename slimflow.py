@@ -698,7 +698,7 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
 
 def stage_teacher(cfg):
     """The 1-rectified flow v1: rectified flow on noise and data paired at random."""
-    v1 = build_model(cfg.teacher_model, data_shape(cfg))
+    v1 = build_model(cfg.teacher_model, cfg.shape)
     train_stage(cfg, "teacher", v1, RectifiedFlowLoss(), training_data(cfg),
                 preview=lambda v, z: euler_sample(v, z, 8)[0])
 
@@ -713,7 +713,7 @@ def stage_pairs(cfg):
 def stage_reflow(cfg):
     """Annealing Reflow: a small 2-rectified flow v2, from random weights, on the pairs."""
     print(f"[reflow] Annealing Reflow: beta {cfg.beta_schedule} over K = {cfg.anneal_steps} steps")
-    v2 = build_model(cfg.model, data_shape(cfg))
+    v2 = build_model(cfg.model, cfg.shape)
     train_stage(cfg, "reflow", v2, AnnealingReflowLoss(cfg.anneal_steps, cfg.beta_schedule), load_pairs(cfg),
                 preview=lambda v, z: one_step_sample(v, z)[0])
 
@@ -734,7 +734,7 @@ def stage_traflow(cfg):
     """TraFlow from the teacher (or from v2: --traflow-from reflow) on its pairs. The student
     starts as that flow, its s embedding a copy of t's (add_second_time)."""
     v, ckpt = load_stage_network(cfg, cfg.traflow_from)
-    student = build_model(ckpt["model_name"], data_shape(cfg), two_times=True)
+    student = build_model(ckpt["model_name"], cfg.shape, two_times=True)
     student.load_state_dict(add_second_time(v.state_dict()))
     objective = TraFlowLoss(v, cfg.lambda_vel, cfg.lambda_cons, cfg.traflow_phases, cfg.traflow_midpoint,
                             cfg.traflow_target)
@@ -750,6 +750,7 @@ def stage_traflow(cfg):
 # directory, pairs solved in shards, several processes, sampling and evaluation, the
 # benchmark and the command line. Nothing below changes what is learned.
 # =============================================================================
+
 
 # -----------------------------------------------------------------------------
 # 9. Image data
@@ -785,44 +786,33 @@ def read_idx_images(path):
     return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, 1, h, w)
 
 
-def download_hint(name, data_dir, err):
-    return (f"could not load {name} into {data_dir} ({type(err).__name__}: {err}); offline? "
-            f"put the files where torchvision expects them under {data_dir}, or for fashion_mnist "
-            f"pass --data-dir /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)")
-
-
 def image_dataset(name, data_dir, image_size=32, limit=None, seed=0):
     """Training images as a uint8 tensor (n, c, image_size, image_size)."""
     import torchvision  # only the image path needs it
     data_dir = Path(data_dir)
+    idx = [p for p in (data_dir / "train-images-idx3-ubyte", data_dir / "train-images-idx3-ubyte.gz") if p.exists()]
     if name == "shapes":
         x = shapes_images(limit or 10_000, image_size, seed)
-    elif name in ("mnist", "fashion_mnist"):
-        idx = [data_dir / f"train-images-idx3-ubyte{gz}" for gz in ("", ".gz")]
-        found = [p for p in idx if p.exists()]
-        if found:  # plain idx files, e.g. Debian's dataset-fashion-mnist package
-            x = read_idx_images(found[0])
-        else:
-            cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
-            try:
-                x = cls(str(data_dir), train=True, download=True).data[:, None]
-            except Exception as err:
-                raise UsageError(download_hint(name, data_dir, err)) from None
-    elif name == "cifar10":
+    elif name in ("mnist", "fashion_mnist") and idx:  # plain idx files, e.g. Debian's dataset-fashion-mnist
+        x = read_idx_images(idx[0])
+    elif name in ("mnist", "fashion_mnist", "cifar10"):
+        dataset = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name]
+        dataset = getattr(torchvision.datasets, dataset)
         try:
-            data = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True).data
+            x = torch.as_tensor(dataset(str(data_dir), train=True, download=True).data)
         except Exception as err:
-            raise UsageError(download_hint(name, data_dir, err)) from None
-        x = torch.from_numpy(data).permute(0, 3, 1, 2)
+            raise UsageError(f"could not load {name} into {data_dir} ({type(err).__name__}: {err}); offline? put "
+                             f"the files where torchvision expects them under {data_dir}, or for fashion_mnist pass "
+                             f"--data-dir /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)"
+                             ) from None
+        x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # grey (n, h, w) or RGB (n, h, w, 3)
     elif name == "folder":
         from PIL import Image
-        files = sorted(p for p in data_dir.rglob("*")
-                       if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        files = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
         if not files:
             raise UsageError(f"no images (.png, .jpg, .jpeg, .bmp, .webp) under --data-dir {data_dir}")
-        crop = torchvision.transforms.Compose([torchvision.transforms.Resize(image_size),
-                                               torchvision.transforms.CenterCrop(image_size),
-                                               torchvision.transforms.PILToTensor()])
+        T = torchvision.transforms
+        crop = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
         x = torch.stack([crop(Image.open(p).convert("RGB")) for p in files[:limit]])
     else:
         raise UsageError(f"unknown image dataset {name!r}; choose from {', '.join(IMAGE_DATASETS)}")
@@ -838,32 +828,21 @@ def to_unit_range(x):
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
 
 
-def fits_on(device, nbytes):
-    """Whether nbytes of data can live on device next to the network: a GPU keeps at most a
-    quarter of its free memory for data; the host holds it anyway."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return True
-    return nbytes < torch.cuda.mem_get_info(device)[0] / 4
-
-
 class TrainingData:
     """Examples held in memory and drawn with replacement by the data's own seeded random
     generator (its state goes into every checkpoint). Several tensors (a reflow pair
     (Z0, Z1)) share the indices and, for images, the same random horizontal flip: a
     flipped Gaussian is still Gaussian, so a flipped pair is still a valid coupling.
-
-    The tensors stay in their compact form (uint8 images, float16 pairs) and move to the
-    device once when they fit (CIFAR10 is 150 MB as uint8): a batch is then one gather on
-    the device, and flips are done there too. Otherwise each batch is gathered on the host
-    and copied, still compact. With several processes (section 14), every process draws
-    the same global batch of batch_size·processes examples and keeps its own slice."""
+    Tensors stay compact (uint8 images, float16 pairs) and move to a GPU once when they fit
+    in a quarter of its free memory, so that a batch is one gather there. With several
+    processes, each draws the same global batch of batch_size·processes and keeps its slice."""
 
     def __init__(self, *tensors, flip=False, device="cpu", seed=0):
         self.flip, self.device = flip, torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
-        on_device = fits_on(device, sum(t.numel() * t.element_size() for t in tensors))
-        self.tensors = [t.to(device) if on_device else t for t in tensors]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        fits = self.device.type != "cuda" or nbytes < torch.cuda.mem_get_info(self.device)[0] / 4
+        self.tensors = [t.to(device) if fits else t for t in tensors]
 
     def __len__(self):
         return len(self.tensors[0])
@@ -886,8 +865,6 @@ class TrainingData:
 
 # Named sizes. U-Nets: the official CIFAR10 networks and two tiny ones for CPU demos and
 # tests. MLPs: toy teachers and students.
-# Named sizes. U-Nets: the official CIFAR10 networks and two tiny ones for CPU demos
-# and tests. MLPs: toy teachers and students.
 PRESETS = {
     "rf-61.8m": dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4),
     "slim-27.9m": dict(nf=128, ch_mult=(1, 2, 2), num_res_blocks=2),
@@ -897,13 +874,9 @@ PRESETS = {
     "unet-tiny": dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
     "unet-micro": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
 }
-MLP_PRESETS = {
-    "mlp-256x3": dict(hidden=256, depth=3),
-    "mlp-128x3": dict(hidden=128, depth=3),
-    "mlp-96x3": dict(hidden=96, depth=3),
-    "mlp-64x2": dict(hidden=64, depth=2),
-    "mlp-32x2": dict(hidden=32, depth=2),
-}
+MLP_PRESETS = {"mlp-256x3": dict(hidden=256, depth=3), "mlp-128x3": dict(hidden=128, depth=3),
+               "mlp-96x3": dict(hidden=96, depth=3), "mlp-64x2": dict(hidden=64, depth=2),
+               "mlp-32x2": dict(hidden=32, depth=2)}
 
 
 def build_model(name, data_shape, two_times=False):
@@ -950,60 +923,44 @@ OFFICIAL_RESBLOCK = {"GroupNorm_0": "norm1", "Conv_0": "conv1", "Dense_0": "temb
 OFFICIAL_ATTENTION = {"GroupNorm_0": "norm", "NIN_0": "q", "NIN_1": "k", "NIN_2": "v", "NIN_3": "proj"}
 
 
-def _official_layout(keys, pattern):
-    """(number of official modules, indices of attention blocks) from the keys of either side."""
-    if pattern == "official":
-        idx = {int(k.split(".")[1]) for k in keys if k.startswith("all_modules.")}
-        attn = {int(k.split(".")[1]) for k in keys if ".NIN_" in k}
-        return max(idx) + 1, attn
-    blocks = {int(k.split(".")[1]) for k in keys if k.startswith("blocks.")}
-    attn = {int(k.split(".")[1]) + 3 for k in keys if k.startswith("blocks.") and ".q." in k}
-    return len(blocks) + 5, attn
+def official_names(keys, official):
+    """{our tensor name: the official one} for a U-Net whose state dict has these keys,
+    official ones or ours. Every module has a weight and a bias."""
+    index = lambda k: int(k.split(".")[1])  # noqa: E731
+    if official:  # n modules, those at `attn` attention blocks
+        n = max(index(k) for k in keys if k.startswith("all_modules.")) + 1
+        attn = {index(k) for k in keys if ".NIN_" in k}
+    else:
+        n = len({index(k) for k in keys if k.startswith("blocks.")}) + 5
+        attn = {index(k) + 3 for k in keys if k.startswith("blocks.") and ".q." in k}
+    ends = {0: "time_mlp.0", 1: "time_mlp.2", 2: "input_conv", n - 2: "out_norm", n - 1: "out_conv"}
+    names = {}
+    for i in range(n):
+        layers = OFFICIAL_ATTENTION if i in attn else OFFICIAL_RESBLOCK
+        modules = {"": ends[i]} if i in ends else {f".{theirs}": f"blocks.{i - 3}.{ours}"
+                                                   for theirs, ours in layers.items()}
+        for theirs, ours in modules.items():
+            nin = theirs.startswith(".NIN")
+            names[f"{ours}.weight"] = f"all_modules.{i}{theirs}." + ("W" if nin else "weight")
+            names[f"{ours}.bias"] = f"all_modules.{i}{theirs}." + ("b" if nin else "bias")
+    return names
+
+
+def to_official(state_dict):
+    """Our U-Net tensor names -> the official ones (no `module.` prefix)."""
+    names = official_names(state_dict, official=False)
+    return {names[k]: v[:, :, 0, 0].t() if names[k].endswith(".W") else v for k, v in state_dict.items()}
 
 
 def from_official(state_dict):
     """Official U-Net tensor names -> ours. Entries with no counterpart (such as the
     `sigmas` buffer) are dropped and listed in one log line."""
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    n, attn = _official_layout(state_dict, "official")
-    ends = {0: "time_mlp.0", 1: "time_mlp.2", 2: "input_conv", n - 2: "out_norm", n - 1: "out_conv"}
-    out, ignored = {}, []
-    for key, value in state_dict.items():
-        if not key.startswith("all_modules."):
-            ignored.append(key)
-            continue
-        _, i, *rest = key.split(".")
-        i = int(i)
-        if i in ends:
-            out[".".join([ends[i], *rest])] = value
-            continue
-        layer, param = rest
-        if param in ("W", "b"):  # NIN: x·W + b is a 1x1 conv with weight Wᵀ
-            value, param = (value.t()[:, :, None, None], "weight") if param == "W" else (value, "bias")
-        names = OFFICIAL_ATTENTION if i in attn else OFFICIAL_RESBLOCK
-        out[f"blocks.{i - 3}.{names[layer]}.{param}"] = value
+    ours = {theirs: mine for mine, theirs in official_names(state_dict, official=True).items()}
+    ignored = [k for k in state_dict if k not in ours]
     if ignored:
         print(f"[load] official entries with no counterpart, ignored: {', '.join(ignored)}")
-    return out
-
-
-def to_official(state_dict):
-    """Our U-Net tensor names -> the official ones (no `module.` prefix)."""
-    n, attn = _official_layout(state_dict, "ours")
-    ends = {"time_mlp.0": 0, "time_mlp.2": 1, "input_conv": 2, "out_norm": n - 2, "out_conv": n - 1}
-    out = {}
-    for key, value in state_dict.items():
-        module, param = key.rsplit(".", 1)
-        if module in ends:
-            out[f"all_modules.{ends[module]}.{param}"] = value
-            continue
-        _, j, layer = module.split(".")
-        i = int(j) + 3
-        names = {ours: theirs for theirs, ours in (OFFICIAL_ATTENTION if i in attn else OFFICIAL_RESBLOCK).items()}
-        if names[layer].startswith("NIN"):
-            value, param = (value[:, :, 0, 0].t(), "W") if param == "weight" else (value, "b")
-        out[f"all_modules.{i}.{names[layer]}.{param}"] = value
-    return out
+    return {ours[k]: v.t()[:, :, None, None] if k.endswith(".W") else v for k, v in state_dict.items() if k in ours}
 
 
 # -----------------------------------------------------------------------------
@@ -1040,22 +997,20 @@ def resume_training(checkpoint, meta, net, ema, opt, data, seed):
     rank, processes = world()
     ckpt = read_checkpoint(checkpoint)
     check_compatible(ckpt, checkpoint, meta.get("dataset"), meta.get("model_name"))
-    net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
-    opt.load_state_dict(ckpt["optimizer"])
     if "data" not in ckpt["rng"]:
         raise UsageError(f"{checkpoint} was written by an older slimflow and cannot be continued exactly; "
                          f"pass --overwrite to start over")
+    net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
     data.generator.set_state(ckpt["rng"]["data"])
-    step = ckpt["step"]
-    if len(ckpt["rng"]["processes"]) == processes:
-        mine = ckpt["rng"]["processes"][rank]
-        torch.set_rng_state(mine["torch"])
-        if mine["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(mine["cuda"])
+    step, states = ckpt["step"], ckpt["rng"]["processes"]
+    if len(states) == processes:
+        torch.set_rng_state(states[rank]["torch"])
+        if states[rank]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states[rank]["cuda"])
     else:  # the data stream continues (in global batches of another size); the noise cannot
         torch.manual_seed(seed + rank + processes * step)
-        print(f"[{meta['stage']}] the checkpoint was written by {len(ckpt['rng']['processes'])} "
-              f"processes, this run has {processes}: the noise streams restart")
+        print(f"[{meta['stage']}] the checkpoint was written by {len(states)} processes, this run has "
+              f"{processes}: the noise streams restart")
     print(f"[{meta['stage']}] resumed from {checkpoint} at step {step}")
     return step
 
@@ -1070,8 +1025,7 @@ def read_checkpoint(path, made_by=None, official_ok=False):
     UsageError."""
     path = Path(path)
     if not path.exists():
-        hint = f"; make it with: python slimflow.py {made_by}" if made_by else ""
-        raise UsageError(f"{path} not found{hint}")
+        raise UsageError(f"{path} not found" + (f"; make it with: python slimflow.py {made_by}" if made_by else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -1089,30 +1043,26 @@ def check_compatible(ckpt, path, dataset=None, model=None):
         raise UsageError(f"{path} holds a {ckpt['model_name']!r} network, not {model!r}")
 
 
-def official_weights(ckpt, path):
-    """Official names -> tensors, with the EMA weights (a list in the official
-    model.parameters() order: every entry but the `sigmas` buffer) when present."""
-    weights = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    shadow = ckpt.get("ema", {}).get("shadow_params") if isinstance(ckpt.get("ema"), dict) else None
-    if shadow:
-        names = [k for k in weights if k.startswith("all_modules.")]
-        if len(names) != len(shadow):
-            raise UsageError(f"{path}: the EMA holds {len(shadow)} tensors but the model {len(names)}")
-        weights.update(zip(names, shadow))
-    return weights
-
-
 def check_tensors(found, expected, path):
-    """Every expected tensor present with its shape; a difference names the tensor."""
+    """Every expected tensor present with its shape (but BatchNorm's counters, which older
+    files lack), and no other; a difference is a UsageError naming the tensor."""
     for name, tensor in expected.items():
-        if name not in found:
+        if name not in found and not name.endswith("num_batches_tracked"):
             raise UsageError(f"{path}: tensor {name} is missing")
-        if found[name].shape != tensor.shape:
+        if name in found and found[name].shape != tensor.shape:
             raise UsageError(f"{path}: tensor {name} has shape {tuple(found[name].shape)}, "
                              f"the network needs {tuple(tensor.shape)}")
     extra = [k for k in found if k not in expected]
     if extra:
         raise UsageError(f"{path}: tensors with no place in the network: {', '.join(extra[:5])}")
+
+
+def load_weights(net, weights, what):
+    """A state dict, or a file of one, into net after check_tensors."""
+    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
+    check_tensors(state, net.state_dict(), f"{what} weights")
+    net.load_state_dict(state, strict=False)
+    return net
 
 
 def load_checkpoint(path, model, ckpt=None):
@@ -1121,30 +1071,20 @@ def load_checkpoint(path, model, ckpt=None):
     file's content when already read."""
     ckpt = read_checkpoint(path, official_ok=True) if ckpt is None else ckpt
     if ckpt.get("format") == "slimflow":
-        weights = ckpt["ema"]
-        check_tensors(weights, model.state_dict(), path)
-    else:
-        if not isinstance(model, UNet):
-            raise UsageError(f"{path} is an official checkpoint: it loads into a U-Net preset only")
-        weights = official_weights(ckpt, path)
-        check_tensors({k: v for k, v in weights.items() if k.startswith("all_modules.")},
-                      to_official(model.state_dict()), path)
-        weights = from_official(weights)
-    model.load_state_dict(weights)
+        return load_weights(model, ckpt["ema"], path)
+    if not isinstance(model, UNet):
+        raise UsageError(f"{path} is an official checkpoint: it loads into a U-Net preset only")
+    weights = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    shadow = ckpt["ema"].get("shadow_params") if isinstance(ckpt.get("ema"), dict) else None
+    if shadow:  # the EMA: a list in the official model.parameters() order, all but the `sigmas` buffer
+        names = [k for k in weights if k.startswith("all_modules.")]
+        if len(names) != len(shadow):
+            raise UsageError(f"{path}: the EMA holds {len(shadow)} tensors but the model {len(names)}")
+        weights.update(zip(names, shadow))
+    check_tensors({k: v for k, v in weights.items() if k.startswith("all_modules.")},
+                  to_official(model.state_dict()), path)
+    model.load_state_dict(from_official(weights))
     return model
-
-
-def load_weights(net, weights, what):
-    """A state dict (or a file of one) into net, tolerating the BatchNorm counters that files
-    older than them lack; a mismatch is a ValueError naming `what`."""
-    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        raise ValueError(f"{what} weights do not fit the network: {err}") from None
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{what} weights do not fit: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 def network_from_checkpoint(ckpt, device):
@@ -1158,33 +1098,17 @@ def network_from_checkpoint(ckpt, device):
 # -----------------------------------------------------------------------------
 # 12. The run directory: what each stage reads and writes
 
-STAGE_FILES = {"teacher": "teacher.pt", "pairs": "pairs.pt", "reflow": "reflow.pt", "distill": "distill.pt",
-               "traflow": "traflow.pt"}
+STAGE_FILES = ("teacher", "pairs", "reflow", "distill", "traflow")  # each writes <out>/<stage>.pt
 FLOW_STAGES = ("teacher", "reflow", "distill")
 SAMPLE_SOURCES = FLOW_STAGES + ("traflow",)
 
 
-def is_toy(cfg):
-    return cfg.dataset in TOY_DATASETS
-
-
 def out_path(cfg, stage):
-    return Path(cfg.out) / STAGE_FILES[stage]
+    return Path(cfg.out) / f"{stage}.pt"
 
 
 def make_command(cfg, stage):
     return f"--dataset {cfg.dataset} --out {cfg.out} --stage {stage}"
-
-
-def refuse_overwrite(cfg, path):
-    """Never destroy work: a finished stage is continued with --resume or redone with --overwrite."""
-    if Path(path).exists() and not (cfg.resume or cfg.overwrite):
-        raise UsageError(f"{path} exists; pass --resume to continue it or --overwrite to start over")
-
-
-def data_shape(cfg):
-    return (2,) if is_toy(cfg) else (1 if cfg.dataset in ("mnist", "fashion_mnist") else 3,
-                                      cfg.image_size, cfg.image_size)
 
 
 # Fixed noise has one stream per use, seed + offset, away from the training noise of process
@@ -1196,12 +1120,11 @@ NOISE_STREAMS = {"pairs": 10**6, "samples": 10**6 + 1, "trajectories": 10**6 + 3
 def fixed_noise(cfg, n, stream):
     """n draws of X0 ~ N(0, I) in the data's shape, on the host: the same in every run and
     every process with this --seed."""
-    generator = torch.Generator().manual_seed(cfg.seed + NOISE_STREAMS[stream])
-    return torch.randn(n, *data_shape(cfg), generator=generator)
+    return torch.randn(n, *cfg.shape, generator=torch.Generator().manual_seed(cfg.seed + NOISE_STREAMS[stream]))
 
 
 def training_data(cfg):
-    if is_toy(cfg):  # a large fixed pool of points stands in for the distribution
+    if cfg.toy:  # a large fixed pool of points stands in for the distribution
         return TrainingData(toy_data(cfg.dataset, 100_000, cfg.seed), device=cfg.device, seed=cfg.seed)
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0  # under torchrun, one process per machine downloads
     if not first:
@@ -1217,8 +1140,7 @@ def load_pairs(cfg):
     path = out_path(cfg, "pairs")
     pairs = read_checkpoint(path, made_by=make_command(cfg, "pairs"))
     check_compatible(pairs, path, cfg.dataset)
-    return TrainingData(pairs["z0"], pairs["z1"], flip=cfg.flip and not is_toy(cfg), device=cfg.device,
-                        seed=cfg.seed)
+    return TrainingData(pairs["z0"], pairs["z1"], flip=cfg.flip and not cfg.toy, device=cfg.device, seed=cfg.seed)
 
 
 def load_stage_network(cfg, stage):
@@ -1229,7 +1151,7 @@ def load_stage_network(cfg, stage):
     ckpt = read_checkpoint(path, made_by=make_command(cfg, stage), official_ok=bool(given))
     if ckpt.get("format") != "slimflow":  # official: the architecture comes from the preset flag
         model_name = cfg.teacher_model if stage == "teacher" else cfg.model
-        net = load_checkpoint(path, build_model(model_name, data_shape(cfg)), ckpt)
+        net = load_checkpoint(path, build_model(model_name, cfg.shape), ckpt)
         return net.to(cfg.device).eval().requires_grad_(False), {"model_name": model_name}
     if ckpt.get("stage") != stage and not (stage == "reflow" and ckpt.get("stage") == "teacher"):
         raise UsageError(f"{path} holds the {ckpt.get('stage')!r} stage, not {stage!r}")
@@ -1255,32 +1177,35 @@ def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
     """Train net for a stage with the one loop, in cfg's settings: checkpointed to --out,
     resumable, with previews of preview(ema, z)'s samples. Returns the EMA network."""
     model_name = model_name or (cfg.teacher_model if stage == "teacher" else cfg.model)
-    meta = {"stage": stage, "dataset": cfg.dataset, "model_name": model_name, "data_shape": list(data_shape(cfg))}
     processes = world()[1]
     print(f"[{stage}] {model_name}: {num_params(net):,} parameters, {cfg.steps} steps of batch "
           f"{cfg.batch_size} on {cfg.device}" + (f" x {processes} processes" if processes > 1 else ""))
     net = net.to(cfg.device)
     if torch.device(cfg.device).type == "cuda" and any(isinstance(m, UNet) for m in net.modules()):
         net = net.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
+    z, folder = fixed_noise(cfg, 2000 if cfg.toy else 64, "samples").to(cfg.device), Path(cfg.out) / "previews"
+
+    def show(ema, step):
+        save_preview(preview(ema, z), folder / f"{stage}_{step:07d}.png", cfg)
     return train(net, objective, data, cfg.steps, cfg.batch_size, cfg.lr, lr_warmup=cfg.lr_warmup,
                  weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, seed=cfg.seed,
                  device=cfg.device, precision=cfg.precision, compile=cfg.compile, checkpoint=out_path(cfg, stage),
-                 meta=meta, resume=cfg.resume, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-                 preview=previewer(cfg, stage, preview), preview_every=cfg.preview_every)
+                 meta=dict(stage=stage, dataset=cfg.dataset, model_name=model_name, data_shape=list(cfg.shape)),
+                 resume=cfg.resume, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, preview=show,
+                 preview_every=cfg.preview_every)
 
 
-def save_preview(x, path, data=None):
+def save_preview(x, path, cfg):
     """A PNG of samples: an image grid, or a 2-D scatter over the data."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     if x.dim() == 4:
         import torchvision
-        torchvision.utils.save_image((x[:64].float().cpu() + 1) / 2, path, nrow=8)
-        return
+        return torchvision.utils.save_image((x[:64].float().cpu() + 1) / 2, path, nrow=8)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(4, 4))
-    if data is not None:
-        ax.scatter(*data[:2000].T, s=2, c="0.7", label="data")
+    ax.scatter(*toy_data(cfg.dataset, 2000, cfg.seed + 1).T, s=2, c="0.7", label="data")
     ax.scatter(*x[:2000].cpu().T, s=2, c="C0", label="samples")
     ax.set(xlim=(-5, 5), ylim=(-5, 5), title=Path(path).stem)
     ax.legend(loc="upper right", markerscale=4)
@@ -1288,53 +1213,37 @@ def save_preview(x, path, data=None):
     plt.close(fig)
 
 
-def previewer(cfg, stage, sample_fn):
-    """A preview callback for train(): samples of the current EMA network."""
-    folder = Path(cfg.out) / "previews"
-    z = fixed_noise(cfg, 2000 if is_toy(cfg) else 64, "samples").to(cfg.device)
-    data = toy_data(cfg.dataset, 2000, cfg.seed + 1) if is_toy(cfg) else None
-
-    def preview(ema, step):
-        folder.mkdir(parents=True, exist_ok=True)
-        save_preview(sample_fn(ema, z), folder / f"{stage}_{step:07d}.png", data)
-    return preview
-
-
 # -----------------------------------------------------------------------------
 # 13. Pairs in shards
-
-def recipe_change(made, recipe):
-    """How the recipe a file of pairs was solved with differs from this run's, in words."""
-    if made is None:
-        return "by an older slimflow, which kept no recipe"
-    return "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k])
-
 
 def solve_pairs(cfg, z0, solve, teacher):
     """Z1 = solve(Z0) in shards of --pairs-batch pairs, joined into pairs.pt. Z0 is drawn at
     once from the seed, so a shard is the same whichever process solves it and whenever:
-    shards already on disk are skipped (a stopped run continues where it was), and under
-    torchrun the processes share the missing ones. Rank 0 then joins them, float16 for
-    images (the coupling needs no more; Z0 is rounded before it is solved, so every stored
-    pair is exact) and float32 for 2-D points. Shards and pairs.pt keep their recipe (the
-    teacher's weights as a hash, seed, count, tolerances): shards or a --resume of another
-    recipe are refused, so pairs never outlive their teacher unnoticed."""
+    shards on disk are skipped (a stopped run continues), and under torchrun the processes
+    share the missing ones. Pairs are stored in float16 for images (Z0 is rounded before it
+    is solved, so every pair is exact) and float32 for 2-D points. Shards and pairs.pt keep
+    their recipe (the teacher's weights as a hash, seed, count, tolerances), and another
+    recipe's are refused: pairs never outlive their teacher unnoticed."""
     path = out_path(cfg, "pairs")
     shards = path.with_suffix(".shards")
     rank, processes = world()
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
-    recipe = {"dataset": cfg.dataset, "shape": list(data_shape(cfg)), "seed": cfg.seed,
-              "num_pairs": cfg.num_pairs, "rtol": cfg.rtol, "atol": cfg.atol, "teacher": weights.hexdigest()}
+    recipe = {"dataset": cfg.dataset, "shape": list(cfg.shape), "seed": cfg.seed, "num_pairs": cfg.num_pairs,
+              "rtol": cfg.rtol, "atol": cfg.atol, "teacher": weights.hexdigest()}
+
+    def change(made):  # how the recipe of a file differs from this run's, in words
+        return ("by an older slimflow, which kept no recipe" if made is None
+                else "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k]))
     if path.exists() and cfg.resume and not cfg.overwrite:  # reused only for the same teacher and recipe
         made = read_checkpoint(path).get("recipe")
         if made != recipe:
-            raise UsageError(f"{path} was solved {recipe_change(made, recipe)}; solve them again with: "
+            raise UsageError(f"{path} was solved {change(made)}; solve them again with: "
                              f"python slimflow.py {make_command(cfg, 'pairs')} --overwrite")
         print(f"[pairs] reusing {path}: same teacher and recipe")
         return
     made = json.loads((shards / "recipe.json").read_text()) if (shards / "recipe.json").exists() else recipe
     if made != recipe and not cfg.overwrite:
-        raise UsageError(f"{shards} holds shards solved {recipe_change(made, recipe)}; pass --overwrite to start over")
+        raise UsageError(f"{shards} holds shards solved {change(made)}; pass --overwrite to start over")
     barrier()  # every process has read the old recipe before rank 0 replaces it
     if rank == 0:
         if cfg.overwrite:
@@ -1342,9 +1251,8 @@ def solve_pairs(cfg, z0, solve, teacher):
         shards.mkdir(parents=True, exist_ok=True)
         (shards / "recipe.json").write_text(json.dumps(recipe))
     barrier()
-    dtype = torch.float32 if is_toy(cfg) else torch.float16
-    z0 = z0.to(dtype)
-    starts = range(0, cfg.num_pairs, cfg.pairs_batch)
+    dtype = torch.float32 if cfg.toy else torch.float16
+    z0, starts = z0.to(dtype), range(0, cfg.num_pairs, cfg.pairs_batch)
     shard = {i: shards / f"{i:09d}-{min(i + cfg.pairs_batch, cfg.num_pairs):09d}.pt" for i in starts}
     todo = [i for i in starts if not shard[i].exists()]
     barrier()  # every process has listed the missing shards before any writes one: they share one list
@@ -1378,13 +1286,11 @@ def solve_pairs(cfg, z0, solve, teacher):
 
 def start_processes(device):
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1):
-    NCCL between the processes' GPUs (cuda:LOCAL_RANK, see resolve_device), or gloo on
-    CPUs. Only rank 0 prints.
-
+    NCCL between the processes' GPUs (cuda:LOCAL_RANK, see resolve_device), or gloo on CPUs.
     torch.distributed.nn is imported at the top of this file, before the group exists:
-    imported later (DDP does), its functions' default arguments would hold the group for
-    good, destroy_process_group could not stop gloo's threads, and a thread still
-    releasing a tensor at exit would abort the interpreter."""
+    imported later (DDP does), its default arguments would hold the group for good, gloo's
+    threads would outlive destroy_process_group, and one releasing a tensor at exit would
+    abort the interpreter."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return
     cuda = torch.device(device).type == "cuda"
@@ -1413,10 +1319,9 @@ def barrier():
 
 def gather(obj):
     """[obj of rank 0, obj of rank 1, ...] on every process."""
-    if not dist.is_initialized():
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
+    objs = [obj] * world()[1]
+    if dist.is_initialized():
+        dist.all_gather_object(objs, obj)
     return objs
 
 
@@ -1437,11 +1342,10 @@ def training_view(net, device, compile=False):
     """What the objective calls during training: net itself, under DDP with several
     processes (which broadcasts rank 0's weights now and averages gradients in backward),
     and compiled with `compile`. Weights, optimizer and EMA stay on net in float32."""
-    model = net
     if world()[1] > 1:
         cuda = torch.device(device).type == "cuda"
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
-    return torch.compile(model) if compile else model
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
+    return torch.compile(net) if compile else net
 
 
 # -----------------------------------------------------------------------------
@@ -1460,16 +1364,16 @@ def generate(net, stage, z, cfg, sampler=None):
     return sample_with(net, z, sampler or cfg.sampler, cfg.nfe, cfg.rtol, cfg.atol)
 
 
-def pick_stage(cfg):
-    """--from, or the latest stage with a checkpoint."""
-    return cfg.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(cfg, s).exists()), "teacher")
-
-
 def generate_all(net, stage, cfg, sampler=None):
     """cfg.num_samples samples from seeded noise, in batches of --pairs-batch; and the NFE."""
     z = fixed_noise(cfg, cfg.num_samples, "samples")
     batches = [generate(net, stage, zb.to(cfg.device), cfg, sampler) for zb in z.split(cfg.pairs_batch)]
     return torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
+
+
+def pick_stage(cfg):
+    """--from, or the latest stage with a checkpoint."""
+    return cfg.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(cfg, s).exists()), "teacher")
 
 
 def sampler_name(stage, nfe, sampler):
@@ -1478,11 +1382,10 @@ def sampler_name(stage, nfe, sampler):
 
 def stage_sample(cfg):
     stage = pick_stage(cfg)
-    net, _ = load_stage_network(cfg, stage)
-    x, nfe = generate_all(net, stage, cfg)
+    x, nfe = generate_all(load_stage_network(cfg, stage)[0], stage, cfg)
     path = Path(cfg.out) / f"samples_{stage}.npy"
     np.save(path, x.numpy())
-    save_preview(x, path.with_suffix(".png"), toy_data(cfg.dataset, 2000, cfg.seed + 1) if is_toy(cfg) else None)
+    save_preview(x, path.with_suffix(".png"), cfg)
     print(f"[sample] {len(x)} samples from {stage} ({sampler_name(stage, nfe, cfg.sampler)}, NFE {nfe}) -> {path} "
           f"and {path.with_suffix('.png')}")
 
@@ -1491,32 +1394,28 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
                    "pt_inception-2015-12-05-6726825d.pth")
 
 
-def fid_weights_path(cache_dir):
-    """The FID Inception weights in cache_dir, downloaded once; offline, a clear error."""
+def download(url, folder, what, flag):
+    """The file at url, kept in folder: downloaded once; offline, a one-line error."""
     import urllib.request
-    path = Path(cache_dir) / FID_WEIGHTS_URL.rsplit("/", 1)[1]
-    if path.exists():
-        return path
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    path = Path(folder) / url.rsplit("/", 1)[1]
+    if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=20) as response:  # never hang offline
-            tmp.write_bytes(response.read())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"could not download the FID Inception weights ({err}); download {FID_WEIGHTS_URL} "
-                         f"and put it at {path.resolve()}, or pass --fid-weights PATH") from None
+        try:
+            with urllib.request.urlopen(url, timeout=20) as response:  # never hang offline
+                save_atomic(response.read(), path)
+        except OSError as err:
+            raise UsageError(f"could not download {what} ({err}); download {url} and put it at {path.resolve()}, "
+                             f"or pass {flag} PATH") from None
     return path
 
 
 @torch.no_grad()
-def image_features(extractor, batches, device, what):
-    """Features of every batch of [-1, 1] images, with a progress line."""
-    feats, done, tic = [], 0, time.time()
-    for x in batches:
-        feats.append(extractor(x.to(device).clamp(-1, 1)).double().cpu())
-        done += len(x)
+def image_features(extractor, images, cfg, what):
+    """Features of images (uint8, or in [-1, 1]) in batches of --pairs-batch, with a progress line."""
+    feats, tic = [], time.time()
+    for x in images.split(cfg.pairs_batch):
+        feats.append(extractor(to_unit_range(x).to(cfg.device).clamp(-1, 1)).double().cpu())
+        done = sum(map(len, feats))
         print(f"\r[fid] {what}: {done} images  {done / (time.time() - tic):.0f} img/s", end="", flush=True)
     print()
     return torch.cat(feats).numpy()
@@ -1526,24 +1425,21 @@ def fid_of(x, cfg, extractor=None):
     """FID of generated images x against the training set, whose statistics are cached in
     --data-dir per dataset, size, image count and feature network."""
     if extractor is None:
-        extractor = fid_inception(cfg.fid_weights or fid_weights_path(Path(cfg.data_dir) / "fid"))
+        weights = cfg.fid_weights or download(FID_WEIGHTS_URL, Path(cfg.data_dir) / "fid", "the FID Inception weights",
+                                              "--fid-weights")
+        extractor = fid_inception(weights)
     extractor = extractor.to(cfg.device)
     real = image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_images, cfg.seed)
     cache = Path(cfg.data_dir) / (f"fid_stats_{cfg.dataset}_train_{cfg.image_size}px_{len(real)}_"
                                    f"{type(extractor).__name__.lower()}.npz")
-    if cache.exists():
-        stats = np.load(cache)
-        mu_real, sigma_real = stats["mu"], stats["sigma"]
-    else:
-        feats = image_features(extractor, (to_unit_range(b) for b in real.split(cfg.pairs_batch)), cfg.device,
-                               f"{cfg.dataset} training set")
-        mu_real, sigma_real = gaussian_stats(feats)
+    if not cache.exists():
+        mu, sigma = gaussian_stats(image_features(extractor, real, cfg, f"{cfg.dataset} training set"))
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, mu=mu_real, sigma=sigma_real)
+        np.savez(cache, mu=mu, sigma=sigma)
         print(f"[fid] cached training-set statistics in {cache}")
+    stats = np.load(cache)
     x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # 8-bit, like the training images and saved samples
-    mu, sigma = gaussian_stats(image_features(extractor, x.split(cfg.pairs_batch), cfg.device, "samples"))
-    return frechet_distance(mu, sigma, mu_real, sigma_real)
+    return frechet_distance(*gaussian_stats(image_features(extractor, x, cfg, "samples")), stats["mu"], stats["sigma"])
 
 
 def count_macs(model, *inputs):
@@ -1551,7 +1447,6 @@ def count_macs(model, *inputs):
     `linear` layers outside attention, `attention` for everything inside attention blocks
     (q/k/v/output projections and the two matrix products), and their `total`."""
     counts = {"conv": 0, "linear": 0, "attention": 0}
-    batch = len(inputs[0])
     inside = {m for block in model.modules() if isinstance(block, Attention) for m in block.modules()}
 
     def hook(module, args, out):
@@ -1563,7 +1458,7 @@ def count_macs(model, *inputs):
             b, c, h, w = out.shape
             macs = 2 * b * (h * w) ** 2 * c
         key = "attention" if module in inside else "conv" if isinstance(module, nn.Conv2d) else "linear"
-        counts[key] += macs // batch
+        counts[key] += macs // len(inputs[0])
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear, Attention))]
@@ -1577,16 +1472,15 @@ def count_macs(model, *inputs):
 
 
 def samples_per_second(sample_fn, z, repeats=3):
-    """Throughput of sample_fn on the batch z (best of a few timed runs, after a warm-up)."""
+    """Throughput of sample_fn on the batch z: the best of a few timed runs, after a warm-up."""
+    sync = torch.cuda.synchronize if z.is_cuda else lambda: None
     sample_fn(z)
     best = float("inf")
     for _ in range(repeats):
-        if z.is_cuda:
-            torch.cuda.synchronize()
+        sync()
         tic = time.perf_counter()
         sample_fn(z)
-        if z.is_cuda:
-            torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - tic)
     return len(z) / best
 
@@ -1602,7 +1496,7 @@ def evaluate(cfg, stage, net, sampler, method=None, extractor=None):
     samples/s. `extractor` replaces FID's Inception (tests)."""
     x, nfe = generate_all(net, stage, cfg, sampler)
     row = {"method": method or f"{stage} ({sampler_name(stage, nfe, sampler)})", "params": num_params(net), "nfe": nfe}
-    if is_toy(cfg):
+    if cfg.toy:
         row["sw2"] = sliced_wasserstein(x, toy_data(cfg.dataset, len(x), cfg.seed + 3))
     else:
         row["fid"] = fid_of(x, cfg, extractor)
@@ -1617,36 +1511,30 @@ def evaluate(cfg, stage, net, sampler, method=None, extractor=None):
     return row
 
 
-def sw2_floor(cfg):
-    """SW2 between two independent draws of the data: no model can do better."""
-    return sliced_wasserstein(toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 4),
-                              toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 3))
-
-
-def print_table(rows, floor=None):
-    quality = "FID" if "fid" in rows[0] else "SW2"
-    lines = [f"{'method':36s}{'#params':>10s}{'NFE':>6s}{quality:>9s}" + ("" if floor is None else f"{'/floor':>8s}")
-             + f"{'MACs':>9s}{'straight.':>10s}{'samples/s':>11s}"]
-    if floor is not None:
-        lines.append(f"{'SW2 floor (two data draws)':36s}{'-':>10s}{'-':>6s}{floor:9.4f}{1:8.2f}")
+def print_table(cfg, rows):
+    """The paper's table; on a toy, against the SW2 floor (the SW2 between two independent
+    draws of the data, which no model beats), which it returns."""
+    floor = sliced_wasserstein(toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 4),
+                               toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 3)) if cfg.toy else None
+    print(f"{'method':36s}{'#params':>10s}{'NFE':>6s}{'SW2' if cfg.toy else 'FID':>9s}" + f"{'/floor':>8s}" * cfg.toy
+          + f"{'MACs':>9s}{'straight.':>10s}{'samples/s':>11s}")
+    if cfg.toy:
+        print(f"{'SW2 floor (two data draws)':36s}{'-':>10s}{'-':>6s}{floor:9.4f}{1:8.2f}")
     for r in rows:
-        q = r.get("fid", r.get("sw2"))
-        lines.append(f"{r['method']:36s}{r['params']:>10,}{r['nfe']:>6}{q:9.4f}" + ("" if floor is None else
-                     f"{q / floor:8.2f}") + f"{si(r['macs']):>9s}{r.get('straightness', float('nan')):10.4f}"
-                     f"{r['samples_per_s']:11.0f}")
-    print("\n".join(lines))
+        q = r.get("sw2", r.get("fid"))
+        print(f"{r['method']:36s}{r['params']:>10,}{r['nfe']:>6}{q:9.4f}" + (f"{q / floor:8.2f}" if cfg.toy else "")
+              + f"{si(r['macs']):>9s}{r.get('straightness', math.nan):10.4f}{r['samples_per_s']:11.0f}")
+    return floor
 
 
 def stage_eval(cfg, extractor=None):
     """The paper's table row for one stage (--from) and sampler, printed and merged into
     <out>/metrics.json."""
     stage = pick_stage(cfg)
-    net, _ = load_stage_network(cfg, stage)
-    row = evaluate(cfg, stage, net, cfg.sampler, extractor=extractor)
-    floor = sw2_floor(cfg) if is_toy(cfg) else None
+    row = evaluate(cfg, stage, load_stage_network(cfg, stage)[0], cfg.sampler, extractor=extractor)
+    floor = print_table(cfg, [row])
     if floor is not None:
         row["sw2_floor"] = floor
-    print_table([row], floor)
     path = Path(cfg.out) / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics[f"{row['method']} nfe={row['nfe']}"] = row
@@ -1655,25 +1543,10 @@ def stage_eval(cfg, extractor=None):
     return row
 
 
-def toy_report(cfg):
-    """The default run's table: every model of the pipeline on the same noise, against the
-    floor; written to <out>/results.json, with a figure of the trajectories."""
-    teacher, flow2, generator = (load_stage_network(cfg, s)[0] for s in FLOW_STAGES)
-    rows = [evaluate(cfg, "teacher", teacher, "rk45", "teacher, 1-RF (RK45)"),
-            evaluate(cfg, "teacher", teacher, "one_step", "teacher, 1-RF (one Euler step)"),
-            evaluate(cfg, "reflow", flow2, "one_step", "2-rectified flow (one Euler step)"),
-            evaluate(cfg, "distill", generator, None, "SlimFlow one-step generator")]
-    floor = sw2_floor(cfg)
-    print_table(rows, floor)
-    (Path(cfg.out) / "results.json").write_text(json.dumps({"sw2_floor": floor, "rows": rows}, indent=1))
-    plot_trajectories(cfg, teacher, flow2, generator)
-    return rows
-
-
 def stage_all(cfg):
-    """The whole pipeline; then, on a toy, the table of every model against the data, and on
-    images, samples of each stage. A stage given as a checkpoint (--teacher-ckpt,
-    --init-ckpt) is not trained."""
+    """The whole pipeline. Then on a toy, every model of it in one table against the data
+    (also in <out>/results.json) and a figure of their paths; on images, samples of each
+    stage. A stage given as a checkpoint (--teacher-ckpt, --init-ckpt) is not trained."""
     tic = time.time()
     given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
     for stage in ("teacher", "pairs", "reflow", "distill"):
@@ -1683,8 +1556,15 @@ def stage_all(cfg):
             run_stage(settings_for(cfg.given, stage))
     rank = world()[0]
     stop_processes()  # the report and the samples come from rank 0 alone
-    if rank == 0 and is_toy(cfg):
-        toy_report(cfg)
+    if rank == 0 and cfg.toy:
+        teacher, flow2, generator = (load_stage_network(cfg, s)[0] for s in FLOW_STAGES)
+        rows = [evaluate(cfg, "teacher", teacher, "rk45", "teacher, 1-RF (RK45)"),
+                evaluate(cfg, "teacher", teacher, "one_step", "teacher, 1-RF (one Euler step)"),
+                evaluate(cfg, "reflow", flow2, "one_step", "2-rectified flow (one Euler step)"),
+                evaluate(cfg, "distill", generator, None, "SlimFlow one-step generator")]
+        floor = print_table(cfg, rows)
+        (Path(cfg.out) / "results.json").write_text(json.dumps({"sw2_floor": floor, "rows": rows}, indent=1))
+        plot_trajectories(cfg, teacher, flow2, generator)
     elif rank == 0:
         for stage in FLOW_STAGES:
             sampler = "rk45" if stage == "teacher" else "one_step"
@@ -1699,14 +1579,13 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     z = fixed_noise(cfg, n, "trajectories").to(cfg.device)
-    _, _, path_t = rk45_sample(teacher, z, rtol=cfg.rtol, atol=cfg.atol, trajectory=True)
-    _, _, path_2 = euler_sample(flow2, z, 20, trajectory=True)
-    path_g = torch.stack([z, generator(z)])
+    paths = [rk45_sample(teacher, z, rtol=cfg.rtol, atol=cfg.atol, trajectory=True)[2],
+             euler_sample(flow2, z, 20, trajectory=True)[2], torch.stack([z, generator(z)])]
+    titles = ["1-rectified flow teacher (RK45)", "2-rectified flow student (20 Euler steps)",
+              "SlimFlow one-step generator"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
     data = toy_data(cfg.dataset, 3000, cfg.seed + 6)
-    for ax, path, title in zip(axes, (path_t, path_2, path_g), (
-            "1-rectified flow teacher (RK45)", "2-rectified flow student (20 Euler steps)",
-            "SlimFlow one-step generator")):
+    for ax, path, title in zip(axes, paths, titles):
         path = path.cpu()
         ax.scatter(*data.T, s=1, c="0.8")
         ax.plot(path[:, :, 0], path[:, :, 1], c="C0", lw=0.4, alpha=0.5)
@@ -1723,18 +1602,10 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
 # -----------------------------------------------------------------------------
 # 16. Bench
 
-def matmul_rate(device, dtype, n=None, repeats=10):
-    """Measured dense matmul throughput (FLOP/s) in dtype: the device's practical ceiling."""
-    n = n or (8192 if torch.device(device).type == "cuda" else 1024)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    calls_per_second = samples_per_second(lambda _: a @ b, torch.empty(1, device=device), repeats)  # batch of 1
-    return 2 * n**3 * calls_per_second
-
-
 def bench_rates(net, z, cfg, precision, compile_=False):
-    """Samples per second of net on the batch z in `precision`:
-    one-step sampling, one RK45 solve (with its NFE), and training steps of the
-    rectified-flow loss (which change net's weights, so they come last)."""
+    """Samples per second of net on the batch z in `precision`: one-step sampling, one RK45
+    solve (with its NFE), and training steps of the rectified-flow loss (which change net's
+    weights, so they come last)."""
     if compile_:
         torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
     model, opt = torch.compile(net) if compile_ else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -1765,39 +1636,38 @@ def stage_bench(cfg):
     so the rows compare: fp32 and, on a GPU with bf16, bf16 (one of them with
     --precision), each also compiled with --compile. Every configuration starts from the
     same weights, so RK45 takes the same steps in each."""
-    shape, device, cuda = data_shape(cfg), cfg.device, torch.device(cfg.device).type == "cuda"
+    device, cuda = cfg.device, torch.device(cfg.device).type == "cuda"
     both = cuda and torch.cuda.is_bf16_supported() and "precision" not in cfg.given
-    precisions = ["fp32", "bf16"] if both else [cfg.precision]
-    compiled = [False, True] if cfg.compile else [False]
-    ceilings = {p: matmul_rate(device, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    ceilings, n = {}, 8192 if cuda else 1024
+    for precision in ["fp32", "bf16"] if both else [cfg.precision]:  # the device's dense matmul rate, FLOP/s
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        ceilings[precision] = 2 * n**3 * samples_per_second(lambda _: a @ a, a[:1], repeats=10)  # "batch" of 1
     print(f"[bench] batch {cfg.batch_size} on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}); "
           "matmul ceiling " + ", ".join(f"{p} {c / 1e12:.2f} TFLOP/s" for p, c in ceilings.items()))
     print(f"{'model':13s}{'params':>8s}{'MACs':>8s}{'precision':>10s}{'compiled':>9s}{'train/s':>10s}{'of ceil.':>9s}"
           f"{'one step/s':>11s}{'of ceil.':>9s}{'RK45 NFE':>9s}{'RK45/s':>9s}")
-    z = torch.randn(cfg.batch_size, *shape, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
+    z = torch.randn(cfg.batch_size, *cfg.shape, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
     rows = []
     for name in dict.fromkeys([cfg.model, cfg.teacher_model]):
         torch.manual_seed(cfg.seed)
-        start = build_model(name, shape).to(device)
+        start = build_model(name, cfg.shape).to(device)
         with torch.no_grad():  # untrained weights, but a non-zero field, so RK45 has work to do
             for p in start.parameters():
                 if p.abs().sum() == 0:
                     p.add_(0.02 * torch.randn_like(p))
         if isinstance(start, UNet) and cuda:
             start = start.to(memory_format=torch.channels_last)
-        flops = 2 * count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
-        for precision in precisions:
-            for compile_ in compiled:
-                one_step, nfe, rk45, train_rate = bench_rates(copy.deepcopy(start), z, cfg, precision, compile_)
-                ceiling = ceilings[precision]
-                rows.append(dict(model=name, params=num_params(start), macs=flops / 2, precision=precision,
-                                 compiled=compile_, train=train_rate, train_of_ceiling=train_rate * 3 * flops / ceiling,
-                                 one_step=one_step, one_step_of_ceiling=one_step * flops / ceiling, rk45_nfe=nfe,
-                                 rk45=rk45))
-                r = rows[-1]
-                print(f"{name:13s}{si(r['params']):>8s}{si(r['macs']):>8s}{r['precision']:>10s}"
-                      f"{'yes' if compile_ else 'no':>9s}{r['train']:10.1f}{r['train_of_ceiling']:9.1%}"
-                      f"{r['one_step']:11.1f}{r['one_step_of_ceiling']:9.1%}{nfe:9d}{rk45:9.1f}", flush=True)
+        macs = count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
+        for precision in ceilings:
+            for compile_ in [False, True] if cfg.compile else [False]:
+                one_step, nfe, rk45, train = bench_rates(copy.deepcopy(start), z, cfg, precision, compile_)
+                of_ceiling = 2 * macs / ceilings[precision]  # seconds per sample at the ceiling
+                rows.append(dict(model=name, params=num_params(start), macs=macs, precision=precision,
+                                 compiled=compile_, train=train, train_of_ceiling=3 * train * of_ceiling,
+                                 one_step=one_step, one_step_of_ceiling=one_step * of_ceiling, rk45_nfe=nfe, rk45=rk45))
+                print(f"{name:13s}{si(num_params(start)):>8s}{si(macs):>8s}{precision:>10s}"
+                      f"{'yes' if compile_ else 'no':>9s}{train:10.1f}{3 * train * of_ceiling:9.1%}{one_step:11.1f}"
+                      f"{one_step * of_ceiling:9.1%}{nfe:9d}{rk45:9.1f}", flush=True)
     one_step = max(r["one_step"] for r in rows if r["model"] == cfg.model)
     rk45 = max(r["rk45"] for r in rows if r["model"] == cfg.teacher_model)
     print(f"one-step sampling of {cfg.model} / RK45 sampling of {cfg.teacher_model}, fastest of each: "
@@ -1845,7 +1715,8 @@ class Settings(types.SimpleNamespace):
 
 def settings_for(given, stage=None):
     """The settings of `stage` (default: the one given): DEFAULTS for every run, for the
-    data's kind and for the stage, then `given` (flag name -> value, as the user gave them)."""
+    data's kind and for the stage, then `given` (flag name -> value, as the user gave them);
+    and what follows from them: the device, the precision, `toy` and the data's `shape`."""
     stage = stage or given.get("stage", DEFAULTS["all"]["stage"])
     dataset = given.get("dataset", DEFAULTS["all"]["dataset"])
     toy = dataset in TOY_DATASETS
@@ -1853,11 +1724,13 @@ def settings_for(given, stage=None):
     merged["steps"] = merged["steps"].get(stage, 1)
     if stage == "eval" and not toy:
         merged["num_samples"] = 50_000  # the paper's FID protocol
-    merged.update(given, stage=stage)
+    merged.update(given, stage=stage, toy=toy)
     merged["out"] = merged["out"] or str(Path("runs") / dataset)
     merged["device"] = resolve_device(merged["device"])
     merged["precision"] = resolve_precision(merged["precision"], merged["device"])
     merged["flip"] = (not toy) if merged["flip"] is None else merged["flip"]
+    size = merged["image_size"]
+    merged["shape"] = (2,) if toy else (1 if dataset in ("mnist", "fashion_mnist") else 3, size, size)
     if toy and merged["distance"] == "lpips":
         raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
     return Settings(**merged, given=types.MappingProxyType(dict(given)))
@@ -1885,63 +1758,56 @@ def parse_args(argv=None):
     the flags given (argument_default=SUPPRESS)."""
     p = Parser(description="SlimFlow: small one-step generators with rectified flow.",
                argument_default=argparse.SUPPRESS)
-    p.add_argument("--dataset", choices=TOY_DATASETS + IMAGE_DATASETS, help="default 8gaussians")
-    p.add_argument("--stage", choices=tuple(STAGES), help="default all")
-    p.add_argument("--out", help="run directory (default runs/<dataset>)")
-    p.add_argument("--data-dir", help="where image datasets are downloaded or read (default data)")
-    p.add_argument("--image-size", type=number(int), help="default 32")
-    p.add_argument("--max-images", type=number(int), help="use at most this many training images")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                   help="random horizontal flips of images and pairs (default on for images)")
-    p.add_argument("--teacher-model", help=f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}")
-    p.add_argument("--model", help="student preset (reflow and distill)")
-    p.add_argument("--teacher-ckpt", help="teacher checkpoint to use instead of <out>/teacher.pt (ours or official)")
-    p.add_argument("--init-ckpt", help="2-rectified flow to distill instead of <out>/reflow.pt (ours or official)")
-    p.add_argument("--steps", type=number(int), help="training steps of the stage (all: of every stage)")
-    p.add_argument("--batch-size", type=number(int))
-    p.add_argument("--lr", type=number(float))
-    p.add_argument("--lr-warmup", type=number(int, strict=False), help="learning-rate warm-up steps")
-    p.add_argument("--weight-decay", type=number(float, strict=False))
-    p.add_argument("--grad-clip", type=number(float, strict=False), help="max gradient norm (0: off)")
-    p.add_argument("--ema-decay", type=number(float, strict=False))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 autocast (default on GPUs with bf16)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network for training")
-    p.add_argument("--resume", action="store_true", help="continue the stage's checkpoint exactly")
-    p.add_argument("--overwrite", action="store_true", help="start the stage over, replacing its output")
-    p.add_argument("--log-every", type=number(int))
-    p.add_argument("--ckpt-every", type=number(int))
-    p.add_argument("--preview-every", type=number(int, strict=False), help="sample previews every N steps (0: off)")
-    p.add_argument("--num-pairs", type=number(int), help="reflow pairs to generate")
-    p.add_argument("--pairs-batch", type=number(int),
-                   help="batch size of RK45 pair generation (one shard) and of sampling")
-    p.add_argument("--rtol", type=number(float), help="RK45 relative tolerance (default 1e-5)")
-    p.add_argument("--atol", type=number(float), help="RK45 absolute tolerance (default 1e-5)")
-    p.add_argument("--anneal-steps", type=number(int, strict=False), help="Annealing Reflow's K (0: plain reflow)")
-    p.add_argument("--beta-schedule", choices=("linear", "cosine", "exponential"), help="default linear")
-    p.add_argument("--distance", choices=("l2", "huber", "lpips"), help="default l2")
-    p.add_argument("--reg-weight", type=number(float, strict=False),
-                   help="lambda of the 2-rectified-flow regularization (default 1; 0: naive distillation)")
-    p.add_argument("--target-form", choices=("official", "paper"),
-                   help="first half step of the regularization target by the student (official, default) or v2")
-    p.add_argument("--traflow-from", choices=("teacher", "reflow"),
-                   help="the pre-trained flow TraFlow distills and starts from (default teacher)")
-    p.add_argument("--lambda-vel", type=number(float, strict=False), help="TraFlow velocity loss weight (default 1)")
-    p.add_argument("--lambda-cons", type=number(float, strict=False),
-                   help="TraFlow consistency loss weight (default 1)")
-    p.add_argument("--traflow-phases", type=number(int, strict=False),
-                   help="K > 0: consistency alone for K steps, then output + velocity (default 0: all at once)")
-    p.add_argument("--traflow-midpoint", choices=("student", "teacher"), help="default student")
-    p.add_argument("--traflow-target", choices=("stopgrad", "ema"), help="default stopgrad")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default rk45")
-    p.add_argument("--nfe", type=number(int),
-                   help="NFE budget: euler N steps; heun (N+1)//2 steps, NFE 2·steps - 1; traflow N jumps (default 1)")
-    p.add_argument("--from", dest="sample_from", choices=SAMPLE_SOURCES,
-                   help="stage to sample or evaluate (default: the latest of teacher, reflow, distill)")
-    p.add_argument("--num-samples", type=number(int), help="samples to draw (eval on images: 50,000)")
-    p.add_argument("--fid-weights", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "
-                                          "default: downloaded once into <data-dir>/fid")
+    add, count, positive, at_least_0 = p.add_argument, number(int), number(float), number(float, strict=False)
+    add("--dataset", choices=TOY_DATASETS + IMAGE_DATASETS, help="default 8gaussians")
+    add("--stage", choices=tuple(STAGES), help="default all")
+    add("--out", help="run directory (default runs/<dataset>)")
+    add("--data-dir", help="where image datasets are downloaded or read (default data)")
+    add("--image-size", type=count, help="default 32")
+    add("--max-images", type=count, help="use at most this many training images")
+    add("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default on for images)")
+    add("--teacher-model", help=f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}")
+    add("--model", help="student preset (reflow and distill)")
+    add("--teacher-ckpt", help="teacher checkpoint to use instead of <out>/teacher.pt (ours or official)")
+    add("--init-ckpt", help="2-rectified flow to distill instead of <out>/reflow.pt (ours or official)")
+    add("--steps", type=count, help="training steps of the stage (all: of every stage)")
+    add("--batch-size", type=count)
+    add("--lr", type=positive)
+    add("--lr-warmup", type=number(int, strict=False), help="learning-rate warm-up steps")
+    add("--weight-decay", type=at_least_0)
+    add("--grad-clip", type=at_least_0, help="max gradient norm (0: off)")
+    add("--ema-decay", type=at_least_0)
+    add("--seed", type=int)
+    add("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    add("--precision", choices=("fp32", "bf16"), help="bf16 autocast (default on GPUs with bf16)")
+    add("--compile", action="store_true", help="torch.compile the network for training")
+    add("--resume", action="store_true", help="continue the stage's checkpoint exactly")
+    add("--overwrite", action="store_true", help="start the stage over, replacing its output")
+    add("--log-every", type=count)
+    add("--ckpt-every", type=count)
+    add("--preview-every", type=number(int, strict=False), help="sample previews every N steps (0: off)")
+    add("--num-pairs", type=count, help="reflow pairs to generate")
+    add("--pairs-batch", type=count, help="batch size of RK45 pair generation (one shard) and of sampling")
+    add("--rtol", type=positive, help="RK45 relative tolerance (default 1e-5)")
+    add("--atol", type=positive, help="RK45 absolute tolerance (default 1e-5)")
+    add("--anneal-steps", type=number(int, strict=False), help="Annealing Reflow's K (0: plain reflow)")
+    add("--beta-schedule", choices=("linear", "cosine", "exponential"), help="default linear")
+    add("--distance", choices=("l2", "huber", "lpips"), help="default l2")
+    add("--reg-weight", type=at_least_0, help="lambda of the 2-rectified-flow regularization (0: naive distillation)")
+    add("--target-form", choices=("official", "paper"),
+        help="the regularization target's first step along the student's u (official, default) or v2 (paper)")
+    add("--traflow-from", choices=("teacher", "reflow"), help="the flow TraFlow distills and starts from")
+    add("--lambda-vel", type=at_least_0, help="TraFlow velocity loss weight (default 1)")
+    add("--lambda-cons", type=at_least_0, help="TraFlow consistency loss weight (default 1)")
+    add("--traflow-phases", type=number(int, strict=False),
+        help="K > 0: consistency alone for K steps, then output + velocity (default 0: all at once)")
+    add("--traflow-midpoint", choices=("student", "teacher"), help="default student")
+    add("--traflow-target", choices=("stopgrad", "ema"), help="default stopgrad")
+    add("--sampler", choices=SAMPLERS, help="default rk45")
+    add("--nfe", type=count, help="euler: N steps; heun: (N+1)//2 steps, NFE 2·steps - 1; traflow: N jumps")
+    add("--from", dest="sample_from", choices=SAMPLE_SOURCES, help="stage to sample or evaluate (default: the latest)")
+    add("--num-samples", type=count, help="samples to draw (eval on images: 50,000)")
+    add("--fid-weights", help="FID Inception weights (default: downloaded once into <data-dir>/fid)")
     return settings_for(vars(p.parse_args(argv)))
 
 
@@ -1963,8 +1829,7 @@ def resolve_device(name):
 def resolve_precision(precision, device):
     """bf16 autocast by default on GPUs that support it, float32 elsewhere."""
     if precision is None:
-        cuda = torch.device(device).type == "cuda"
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return precision
 
 
@@ -1976,8 +1841,9 @@ STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow
 def run_stage(cfg):
     """One stage, once the checks that need no work have passed: a finished stage is continued
     with --resume or redone with --overwrite, never silently replaced."""
-    if cfg.stage in STAGE_FILES:
-        refuse_overwrite(cfg, out_path(cfg, cfg.stage))
+    path = out_path(cfg, cfg.stage)
+    if cfg.stage in STAGE_FILES and path.exists() and not (cfg.resume or cfg.overwrite):
+        raise UsageError(f"{path} exists; pass --resume to continue it or --overwrite to start over")
     torch.manual_seed(cfg.seed)  # the networks' initial weights
     return STAGES[cfg.stage](cfg)
 
@@ -1990,12 +1856,9 @@ def main(argv=None):
         elif int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 alone samples, evaluates, benchmarks
             return 0
         run_stage(cfg)
-    except UsageError as err:
+    except (UsageError, TrainingError) as err:  # bad input: exit status 2; training cannot go on: 1
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, UsageError) else 1
     finally:
         stop_processes()
     return 0

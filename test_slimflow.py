@@ -678,7 +678,7 @@ def test_fid_network_pools_the_tensorflow_way(fid_net):
 def test_fid_network_refuses_another_layout(change, match):
     state = random_fid_weights()
     change(state)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(sf.UsageError, match=match):  # bad input: one line, exit status 2
         sf.fid_inception(state)
 
 
@@ -1479,6 +1479,10 @@ def test_two_processes_resume_exactly(tmp_path):
 
 # ----------------------------------------------------------------------------- 15. Sampling and evaluation
 
+def fid_weights(folder):
+    return sf.download(sf.FID_WEIGHTS_URL, folder, "the FID Inception weights", "--fid-weights")
+
+
 def test_fid_weights_offline_is_a_clear_error_naming_the_path(tmp_path, monkeypatch):
     import urllib.request
 
@@ -1486,11 +1490,11 @@ def test_fid_weights_offline_is_a_clear_error_naming_the_path(tmp_path, monkeypa
         raise OSError("network unreachable")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(sf.UsageError, match="put it at") as err:
-        sf.fid_weights_path(tmp_path / "cache")
+        fid_weights(tmp_path / "cache")
     assert str((tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").resolve()) in str(err.value)
     assert not any((tmp_path / "cache").iterdir())  # no partial file left behind
     (tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
-    assert sf.fid_weights_path(tmp_path / "cache").name == "pt_inception-2015-12-05-6726825d.pth"
+    assert fid_weights(tmp_path / "cache").name == "pt_inception-2015-12-05-6726825d.pth"
 
 
 @pytest.mark.parametrize("preset, conv_linear, total", [("slim-15.7m", 3.70e9, 3.90e9), ("slim-27.9m", 6.57e9, 6.89e9)])
