@@ -20,6 +20,7 @@ import argparse
 import copy
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -829,13 +830,11 @@ def to_unit_range(x):
 
 
 class TrainingData:
-    """Examples held in memory and drawn with replacement by the data's own seeded random
-    generator (its state goes into every checkpoint). Several tensors (a reflow pair
-    (Z0, Z1)) share the indices and, for images, the same random horizontal flip: a
-    flipped Gaussian is still Gaussian, so a flipped pair is still a valid coupling.
-    Tensors stay compact (uint8 images, float16 pairs) and move to a GPU once when they fit
-    in a quarter of its free memory, so that a batch is one gather there. With several
-    processes, each draws the same global batch of batch_size·processes and keeps its slice."""
+    """Examples drawn with replacement by the data's own seeded generator (saved in every
+    checkpoint). The tensors of a pair (Z0, Z1) share the indices and the random horizontal
+    flip of images: a flipped Gaussian is still Gaussian, so a flipped pair is still a
+    coupling. Tensors stay compact (uint8, float16) and move to a GPU when they fit in a
+    quarter of its free memory. Every process draws the same global batch, and keeps its slice."""
 
     def __init__(self, *tensors, flip=False, device="cpu", seed=0):
         self.flip, self.device = flip, torch.device(device)
@@ -1409,18 +1408,6 @@ def download(url, folder, what, flag):
     return path
 
 
-@torch.no_grad()
-def image_features(extractor, images, cfg, what):
-    """Features of images (uint8, or in [-1, 1]) in batches of --pairs-batch, with a progress line."""
-    feats, tic = [], time.time()
-    for x in images.split(cfg.pairs_batch):
-        feats.append(extractor(to_unit_range(x).to(cfg.device).clamp(-1, 1)).double().cpu())
-        done = sum(map(len, feats))
-        print(f"\r[fid] {what}: {done} images  {done / (time.time() - tic):.0f} img/s", end="", flush=True)
-    print()
-    return torch.cat(feats).numpy()
-
-
 def fid_of(x, cfg, extractor=None):
     """FID of generated images x against the training set, whose statistics are cached in
     --data-dir per dataset, size, image count and feature network."""
@@ -1429,46 +1416,44 @@ def fid_of(x, cfg, extractor=None):
                                               "--fid-weights")
         extractor = fid_inception(weights)
     extractor = extractor.to(cfg.device)
+
+    @torch.no_grad()
+    def features(images, what):  # of uint8 images or images in [-1, 1], with a progress line
+        feats, tic = [], time.time()
+        for x in images.split(cfg.pairs_batch):
+            feats.append(extractor(to_unit_range(x).to(cfg.device).clamp(-1, 1)).double().cpu())
+            done = sum(map(len, feats))
+            print(f"\r[fid] {what}: {done} images  {done / (time.time() - tic):.0f} img/s", end="", flush=True)
+        print()
+        return gaussian_stats(torch.cat(feats).numpy())
     real = image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_images, cfg.seed)
     cache = Path(cfg.data_dir) / (f"fid_stats_{cfg.dataset}_train_{cfg.image_size}px_{len(real)}_"
                                    f"{type(extractor).__name__.lower()}.npz")
     if not cache.exists():
-        mu, sigma = gaussian_stats(image_features(extractor, real, cfg, f"{cfg.dataset} training set"))
+        mu, sigma = features(real, f"{cfg.dataset} training set")
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, mu=mu, sigma=sigma)
         print(f"[fid] cached training-set statistics in {cache}")
     stats = np.load(cache)
     x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # 8-bit, like the training images and saved samples
-    return frechet_distance(*gaussian_stats(image_features(extractor, x, cfg, "samples")), stats["mu"], stats["sigma"])
+    return frechet_distance(*features(x, "samples"), stats["mu"], stats["sigma"])
 
 
 def count_macs(model, *inputs):
-    """Multiply-accumulates per sample of model(*inputs), by forward hooks: `conv` and
-    `linear` layers outside attention, `attention` for everything inside attention blocks
-    (q/k/v/output projections and the two matrix products), and their `total`."""
-    counts = {"conv": 0, "linear": 0, "attention": 0}
-    inside = {m for block in model.modules() if isinstance(block, Attention) for m in block.modules()}
+    """Multiply-accumulates per sample of model(*inputs), from torch's FLOP counter (2 FLOPs
+    a MAC): `attention` for everything inside attention blocks (q/k/v/output projections and
+    the two matrix products), `conv` and `linear` for the layers outside them, and `total`."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    flops, root = counter.get_flop_counts(), type(model).__name__  # {module name: {operation: FLOPs}}
+    inside = [flops.get(f"{root}.{name}", {}) for name, m in model.named_modules() if isinstance(m, Attention)]
 
-    def hook(module, args, out):
-        if isinstance(module, nn.Conv2d):
-            macs = out.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
-        elif isinstance(module, nn.Linear):
-            macs = out.numel() * module.in_features
-        else:  # an attention block: q·kᵀ and weights·v, each (hw)²·c
-            b, c, h, w = out.shape
-            macs = 2 * b * (h * w) ** 2 * c
-        key = "attention" if module in inside else "conv" if isinstance(module, nn.Conv2d) else "linear"
-        counts[key] += macs // len(inputs[0])
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, Attention))]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {**counts, "total": sum(counts.values())}
+    def macs(ops, kind=""):
+        return sum(n for op, n in ops.items() if kind in str(op)) // (2 * len(inputs[0]))
+    total, attention = macs(flops["Global"]), sum(macs(ops) for ops in inside)
+    conv = macs(flops["Global"], "convolution") - sum(macs(ops, "convolution") for ops in inside)
+    return {"conv": conv, "linear": total - conv - attention, "attention": attention, "total": total}
 
 
 def samples_per_second(sample_fn, z, repeats=3):
@@ -1602,32 +1587,6 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
 # -----------------------------------------------------------------------------
 # 16. Bench
 
-def bench_rates(net, z, cfg, precision, compile_=False):
-    """Samples per second of net on the batch z in `precision`: one-step sampling, one RK45
-    solve (with its NFE), and training steps of the rectified-flow loss (which change net's
-    weights, so they come last)."""
-    if compile_:
-        torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
-    model, opt = torch.compile(net) if compile_ else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
-
-    def sample(sampler, z):
-        with bf16_autocast(cfg.device, precision):
-            return sample_with(model.eval(), z, sampler, rtol=cfg.rtol, atol=cfg.atol)
-
-    def train_step(x):
-        with bf16_autocast(cfg.device, precision):
-            loss, _ = RectifiedFlowLoss()(model.train(), x, 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    one_step = samples_per_second(lambda z: sample("one_step", z), z)
-    tic = time.perf_counter()
-    nfe = sample("rk45", z)[1]  # one solve: RK45 is too slow to repeat
-    rk45 = len(z) / (time.perf_counter() - tic)
-    return one_step, nfe, rk45, samples_per_second(train_step, z)
-
-
 def stage_bench(cfg):
     """Samples per second of the student (--model) and the teacher (--teacher-model): a
     training step at --batch-size, one-step and RK45 sampling, each as a fraction of the
@@ -1658,16 +1617,34 @@ def stage_bench(cfg):
         if isinstance(start, UNet) and cuda:
             start = start.to(memory_format=torch.channels_last)
         macs = count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
-        for precision in ceilings:
-            for compile_ in [False, True] if cfg.compile else [False]:
-                one_step, nfe, rk45, train = bench_rates(copy.deepcopy(start), z, cfg, precision, compile_)
-                of_ceiling = 2 * macs / ceilings[precision]  # seconds per sample at the ceiling
-                rows.append(dict(model=name, params=num_params(start), macs=macs, precision=precision,
-                                 compiled=compile_, train=train, train_of_ceiling=3 * train * of_ceiling,
-                                 one_step=one_step, one_step_of_ceiling=one_step * of_ceiling, rk45_nfe=nfe, rk45=rk45))
-                print(f"{name:13s}{si(num_params(start)):>8s}{si(macs):>8s}{precision:>10s}"
-                      f"{'yes' if compile_ else 'no':>9s}{train:10.1f}{3 * train * of_ceiling:9.1%}{one_step:11.1f}"
-                      f"{one_step * of_ceiling:9.1%}{nfe:9d}{rk45:9.1f}", flush=True)
+        for precision, compiled in itertools.product(ceilings, [False, True] if cfg.compile else [False]):
+            net = copy.deepcopy(start)
+            if compiled:
+                torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
+            model, opt = torch.compile(net) if compiled else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+            def sample(sampler, z):
+                with bf16_autocast(device, precision):
+                    return sample_with(model.eval(), z, sampler, rtol=cfg.rtol, atol=cfg.atol)
+
+            def train_step(x):  # changes the weights, so it is timed last
+                with bf16_autocast(device, precision):
+                    loss, _ = RectifiedFlowLoss()(model.train(), x, 0)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            one_step = samples_per_second(lambda z: sample("one_step", z), z)
+            tic = time.perf_counter()
+            nfe = sample("rk45", z)[1]  # one solve: RK45 is too slow to repeat
+            rk45 = len(z) / (time.perf_counter() - tic)
+            train = samples_per_second(train_step, z)
+            of_ceiling = 2 * macs / ceilings[precision]  # seconds per sample at the ceiling
+            rows.append(dict(model=name, params=num_params(start), macs=macs, precision=precision, compiled=compiled,
+                             train=train, train_of_ceiling=3 * train * of_ceiling, one_step=one_step,
+                             one_step_of_ceiling=one_step * of_ceiling, rk45_nfe=nfe, rk45=rk45))
+            print(f"{name:13s}{si(num_params(start)):>8s}{si(macs):>8s}{precision:>10s}{('no', 'yes')[compiled]:>9s}"
+                  f"{train:10.1f}{3 * train * of_ceiling:9.1%}{one_step:11.1f}{one_step * of_ceiling:9.1%}{nfe:9d}"
+                  f"{rk45:9.1f}", flush=True)
     one_step = max(r["one_step"] for r in rows if r["model"] == cfg.model)
     rk45 = max(r["rk45"] for r in rows if r["model"] == cfg.teacher_model)
     print(f"one-step sampling of {cfg.model} / RK45 sampling of {cfg.teacher_model}, fastest of each: "
