@@ -351,13 +351,9 @@ SAMPLERS = ("one_step", "euler", "heun", "rk45")
 
 def sample_with(velocity, z, sampler, nfe=1, rtol=1e-5, atol=1e-5):
     """Dispatch by name; nfe is the budget of the fixed-step samplers."""
-    if sampler == "one_step":
-        return one_step_sample(velocity, z)
-    if sampler == "euler":
-        return euler_sample(velocity, z, nfe)
-    if sampler == "heun":
-        return heun_sample(velocity, z, (nfe + 1) // 2)
-    return rk45_sample(velocity, z, rtol=rtol, atol=atol)
+    return {"one_step": lambda: one_step_sample(velocity, z), "euler": lambda: euler_sample(velocity, z, nfe),
+            "heun": lambda: heun_sample(velocity, z, (nfe + 1) // 2),
+            "rk45": lambda: rk45_sample(velocity, z, rtol=rtol, atol=atol)}[sampler]()
 
 
 # -----------------------------------------------------------------------------
@@ -532,8 +528,7 @@ def sliced_wasserstein(a, b, num_projections=256, seed=0):
     a, b = a.flatten(1).double().cpu(), b.flatten(1).double().cpu()
     if a.shape != b.shape:
         raise ValueError(f"sliced_wasserstein needs equal-size sets, got {tuple(a.shape)} and {tuple(b.shape)}")
-    theta = torch.randn(a.shape[1], num_projections, generator=torch.Generator().manual_seed(seed),
-                        dtype=torch.float64)
+    theta = torch.randn(a.shape[1], num_projections, generator=torch.Generator().manual_seed(seed), dtype=a.dtype)
     theta = theta / theta.norm(dim=0)
     pa, pb = (a @ theta).sort(dim=0).values, (b @ theta).sort(dim=0).values
     return (pa - pb).square().mean().sqrt().item()
@@ -541,10 +536,9 @@ def sliced_wasserstein(a, b, num_projections=256, seed=0):
 
 @torch.no_grad()
 def straightness(velocity, z, steps=100, eps=EPS):
-    """S(v) = E ∫ ‖(Z1 - Z0) - v(Z_t, t)‖² dt along v's own trajectories, estimated on
-    an Euler path of `steps` steps from z: 0 when every path is a straight line (and one
-    Euler step is exact), larger the more the paths bend. Our paths run over [eps, 1], so
-    the straight velocity is (Z1 - Z0)/(1 - eps) and the integral is an average over time."""
+    """S(v) = E ∫ ‖(Z1 - Z0) - v(Z_t, t)‖² dt along v's own paths, on an Euler path of `steps`
+    steps from z: 0 when every path is straight (one Euler step is exact). Paths run over
+    [eps, 1], so the straight velocity is (Z1 - Z0)/(1 - eps) and the integral a time average."""
     x, _, path = euler_sample(velocity, z, steps, eps, trajectory=True)
     h = (1 - eps) / steps
     chord = (x - z) / (1 - eps)  # the constant velocity of the straight path z -> x
@@ -552,14 +546,26 @@ def straightness(velocity, z, steps=100, eps=EPS):
     return torch.stack(gaps).mean().item()
 
 
+def tf1_resize(x, size):
+    """Bilinear resize of (b, c, h, w) to size x size as TensorFlow 1 computes it (the FID
+    graph's own resize): output pixel i samples the input at i·in/out, with no half-pixel
+    centres, interpolating along the width first."""
+    def taps(n):  # for each output pixel: the source pixels either side, and the weight of the second
+        src = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
+        lo = src.floor().long()
+        return lo, (lo + 1).clamp(max=n - 1), (src - lo).to(x.dtype)
+    (top, bottom, wy), (left, right, wx) = taps(x.shape[-2]), taps(x.shape[-1])
+    x = x[..., left] + (x[..., right] - x[..., left]) * wx
+    return x[..., top, :] + (x[..., bottom, :] - x[..., top, :]) * wy[:, None]
+
+
 def fid_inception(weights=None):
     """The FID Inception network, in eval mode: images in [-1, 1] of any size with 1 or 3
     channels -> (batch, 2048) features. weights: None (random, for tests), a path or a
     state dict laid out as pt_inception-2015-12-05-6726825d.pth (FID_WEIGHTS_URL)."""
-    # the TensorFlow graph of 2015 ported to PyTorch: torchvision's Inception3 with three
-    # differences. The pool branches of the A, C and E blocks average without counting the
-    # zero padding, the last E block max-pools there, and the classifier has 1008 outputs.
-    # Features are the 2048-d final pooling.
+    # the TensorFlow graph of 2015 as torchvision's Inception3 with three differences: the A,
+    # C and E blocks' pool branches average without the zero padding, the last E block
+    # max-pools there, and the classifier has 1008 outputs. Features: the 2048-d final pooling.
     from torchvision.models import inception as tv
 
     class PaddingFreePool:  # mixin for InceptionA/C/E: redo the pool branch the TF way
@@ -579,8 +585,8 @@ def fid_inception(weights=None):
             self.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
 
         def forward(self, x):
-            x = x.float().expand(-1, 3, -1, -1)  # grey -> RGB
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            x = (x.float().expand(-1, 3, -1, -1) + 1) * 127.5  # grey -> RGB, and 8-bit values
+            x = (tf1_resize(x, 299) - 128) / 128  # the graph's own resize and scaling
             for layer in list(self.children())[:-1]:  # everything up to the pooled features, not fc
                 x = layer(x)
             return x.flatten(1)
@@ -632,9 +638,8 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
     batch = data.sample(batch_size), this process's share of the global batch. The learning
     rate warms up linearly over lr_warmup steps, gradients are clipped to norm grad_clip
     (0: off), and the EMA decays by min(ema_decay, (1 + n)/(10 + n)) at update n. With a
-    `checkpoint` path, the run is saved there every ckpt_every steps (with meta: stage,
-    dataset, model_name, data_shape), and resume=True continues it. preview(ema, step) runs
-    every preview_every steps."""
+    `checkpoint` path, the run is saved there every ckpt_every steps (with meta: stage, dataset,
+    model_name, data_shape); resume=True continues it. preview(ema, step) every preview_every."""
     settings = {k: v for k, v in locals().items() if isinstance(v, (bool, int, float, str))}  # for checkpoints
     meta, (rank, processes) = meta or {"stage": "train"}, world()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -648,9 +653,8 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
     model = training_view(net, device, compile)  # what the objective calls: net, under DDP and/or compiled
     net.train()
     tic, tic_step = time.time(), step
-    # the first step whose loss is not finite, kept on the device: reading it at every step
-    # would make every step wait for the GPU, so it is read before each log, checkpoint and
-    # preview, and a NaN never reaches a checkpoint
+    # the first step whose loss is not finite, kept on the device so that no step waits for
+    # the GPU: read before each log, checkpoint and preview, so a NaN never reaches a checkpoint
     bad_step = torch.tensor(steps, device=device)  # `steps`: none
     while step < steps:
         for group in opt.param_groups:  # linear warm-up of the learning rate
@@ -720,9 +724,10 @@ def stage_reflow(cfg):
 
 
 def stage_distill(cfg):
-    """Flow-Guided Distillation: G(z) = z + u(z, eps), u starting as v2, guided by v2 frozen."""
+    """Flow-Guided Distillation: G(z) = z + u(z, eps), guided by v2 (its EMA weights) frozen.
+    u starts from v2's raw weights, with an EMA of its own, as in the official code."""
     v2, ckpt = load_stage_network(cfg, "reflow")
-    G = OneStepGenerator(copy.deepcopy(v2).train().requires_grad_(True))
+    G = OneStepGenerator(load_stage_network(cfg, "reflow", weights="model")[0].train().requires_grad_(True))
     distance = lpips_distance(cfg.device) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
     objective = FlowGuidedDistillationLoss(v2, distance, cfg.reg_weight, cfg.target_form)
     print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
@@ -1064,17 +1069,17 @@ def load_weights(net, weights, what):
     return net
 
 
-def load_checkpoint(path, model, ckpt=None):
-    """Load a checkpoint's weights (the EMA when present) into `model`: a slimflow
-    checkpoint, or an official Rectified Flow / SlimFlow one into a UNet. `ckpt` is the
-    file's content when already read."""
+def load_checkpoint(path, model, ckpt=None, weights="ema"):
+    """Load a checkpoint's weights into `model`: the EMA when present (or the raw ones:
+    weights="model"), from a slimflow checkpoint or an official Rectified Flow / SlimFlow
+    one into a UNet. `ckpt` is the file's content when already read."""
     ckpt = read_checkpoint(path, official_ok=True) if ckpt is None else ckpt
     if ckpt.get("format") == "slimflow":
-        return load_weights(model, ckpt["ema"], path)
+        return load_weights(model, ckpt[weights], path)
     if not isinstance(model, UNet):
         raise UsageError(f"{path} is an official checkpoint: it loads into a U-Net preset only")
     weights = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    shadow = ckpt["ema"].get("shadow_params") if isinstance(ckpt.get("ema"), dict) else None
+    shadow = ckpt["ema"].get("shadow_params") if weights == "ema" and isinstance(ckpt.get("ema"), dict) else None
     if shadow:  # the EMA: a list in the official model.parameters() order, all but the `sigmas` buffer
         names = [k for k in weights if k.startswith("all_modules.")]
         if len(names) != len(shadow):
@@ -1086,11 +1091,12 @@ def load_checkpoint(path, model, ckpt=None):
     return model
 
 
-def network_from_checkpoint(ckpt, device):
-    """The EMA network stored in a slimflow checkpoint (a OneStepGenerator for distill)."""
+def network_from_checkpoint(ckpt, device, weights="ema"):
+    """The EMA network (or the raw one: weights="model") stored in a slimflow checkpoint (a
+    OneStepGenerator for distill)."""
     net = build_model(ckpt["model_name"], tuple(ckpt["data_shape"]), two_times=ckpt["stage"] == "traflow")
     net = OneStepGenerator(net) if ckpt["stage"] == "distill" else net
-    net.load_state_dict(ckpt["ema"])
+    net.load_state_dict(ckpt[weights])
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -1142,20 +1148,21 @@ def load_pairs(cfg):
     return TrainingData(pairs["z0"], pairs["z1"], flip=cfg.flip and not cfg.toy, device=cfg.device, seed=cfg.seed)
 
 
-def load_stage_network(cfg, stage):
-    """A stage's EMA network: from --teacher-ckpt (teacher) or --init-ckpt (the
-    2-rectified flow) when given, in our format or the official one; else from --out."""
+def load_stage_network(cfg, stage, weights="ema"):
+    """A stage's EMA network (or raw one: weights="model"): from --teacher-ckpt (teacher) or
+    --init-ckpt (the 2-rectified flow) when given, in our format or the official one; else
+    from --out."""
     given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}.get(stage)
     path = Path(given) if given else out_path(cfg, stage)
     ckpt = read_checkpoint(path, made_by=make_command(cfg, stage), official_ok=bool(given))
     if ckpt.get("format") != "slimflow":  # official: the architecture comes from the preset flag
         model_name = cfg.teacher_model if stage == "teacher" else cfg.model
-        net = load_checkpoint(path, build_model(model_name, cfg.shape), ckpt)
+        net = load_checkpoint(path, build_model(model_name, cfg.shape), ckpt, weights)
         return net.to(cfg.device).eval().requires_grad_(False), {"model_name": model_name}
     if ckpt.get("stage") != stage and not (stage == "reflow" and ckpt.get("stage") == "teacher"):
         raise UsageError(f"{path} holds the {ckpt.get('stage')!r} stage, not {stage!r}")
     check_compatible(ckpt, path, cfg.dataset)
-    return network_from_checkpoint(ckpt, cfg.device), ckpt
+    return network_from_checkpoint(ckpt, cfg.device, weights), ckpt
 
 
 def lpips_distance(device):
@@ -1435,7 +1442,7 @@ def fid_of(x, cfg, extractor=None):
         np.savez(cache, mu=mu, sigma=sigma)
         print(f"[fid] cached training-set statistics in {cache}")
     stats = np.load(cache)
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # 8-bit, like the training images and saved samples
+    x = (255 * (x.clamp(-1, 1) + 1) / 2).to(torch.uint8)  # 8-bit, truncated, as the official evaluation does
     return frechet_distance(*features(x, "samples"), stats["mu"], stats["sigma"])
 
 
@@ -1666,18 +1673,19 @@ DEFAULTS = {
                 atol=1e-5, beta_schedule="linear", distance="l2", reg_weight=1.0, target_form="official",
                 traflow_from="teacher", lambda_vel=1.0, lambda_cons=1.0, traflow_phases=0,
                 traflow_midpoint="student", traflow_target="stopgrad", sampler="rk45", nfe=1, sample_from=None,
-                fid_weights=None),
+                fid_weights=None, fid_stats=None, lpips_weights=None),
     "toy": dict(teacher_model="mlp-256x3", model="mlp-96x3", batch_size=256, lr=1e-3, lr_warmup=100,
                 grad_clip=1.0, ema_decay=0.999, num_pairs=20_000, pairs_batch=20_000, num_samples=10_000,
                 log_every=500, ckpt_every=1000, preview_every=0, anneal_steps=1000,
                 steps=dict(teacher=3000, reflow=3000, distill=2000, traflow=2000)),
     "image": dict(teacher_model="rf-61.8m", model="slim-15.7m", batch_size=128, lr=2e-4, lr_warmup=5000,
-                  grad_clip=1.0, ema_decay=0.9999, num_pairs=50_000, pairs_batch=500, num_samples=64,
-                  log_every=100, ckpt_every=5000, preview_every=5000, anneal_steps=300_000,
+                  grad_clip=1.0, ema_decay=0.999999, num_pairs=50_000, pairs_batch=500, num_samples=64,
+                  log_every=100, ckpt_every=5000, preview_every=5000, anneal_steps=300_000, distance="lpips",
                   steps=dict(teacher=800_000, reflow=500_000, distill=200_000, traflow=200_000)),
+    "image distill": dict(flip=False, lr_warmup=0),  # fine-tuning v2, as the official code does
     "shapes": dict(teacher_model="unet-tiny", model="unet-micro", batch_size=64, lr=1e-3, lr_warmup=100,
                    ema_decay=0.999, num_pairs=2000, pairs_batch=500, log_every=50, ckpt_every=500,
-                   preview_every=500, anneal_steps=500,
+                   preview_every=500, anneal_steps=500, distance="l2",
                    steps=dict(teacher=2000, reflow=1000, distill=500, traflow=500)),
 }
 
@@ -1697,7 +1705,8 @@ def settings_for(given, stage=None):
     stage = stage or given.get("stage", DEFAULTS["all"]["stage"])
     dataset = given.get("dataset", DEFAULTS["all"]["dataset"])
     toy = dataset in TOY_DATASETS
-    merged = {**DEFAULTS["all"], **DEFAULTS["toy" if toy else "image"], **DEFAULTS.get(dataset, {})}
+    kind = "toy" if toy else "image"
+    merged = {**DEFAULTS["all"], **DEFAULTS[kind], **DEFAULTS.get(dataset, {}), **DEFAULTS.get(f"{kind} {stage}", {})}
     merged["steps"] = merged["steps"].get(stage, 1)
     if stage == "eval" and not toy:
         merged["num_samples"] = 50_000  # the paper's FID protocol

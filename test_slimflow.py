@@ -651,6 +651,27 @@ def test_fid_network_sees_299_by_299_rgb_images(fid_net):
     assert seen == [(2, 3, 299, 299)]
 
 
+@pytest.mark.parametrize("image, size, expected", [
+    ([[10., 30.], [50., 70.]], 4, [[10, 20, 30, 30], [30, 40, 50, 50], [50, 60, 70, 70], [50, 60, 70, 70]]),
+    ([[0., 100., 200.], [300., 400., 500.], [600., 700., 800.]], 2, [[0, 150], [450, 600]]),
+])
+def test_tf1_resize_samples_output_pixel_i_at_i_times_in_over_out(image, size, expected):
+    # worked out by hand: sources at 0, 0.5, 1, 1.5 (clamped) and at 0, 1.5. PyTorch's
+    # align_corners=False gives [[10, 15, 25, 30], ...] and [[100, 250], [550, 700]]
+    x = torch.tensor(image)[None, None]
+    assert torch.equal(sf.tf1_resize(x, size), torch.tensor(expected, dtype=torch.float32)[None, None])
+
+
+def test_fid_network_sees_8_bit_values_scaled_as_the_tensorflow_graph(fid_net):
+    seen = []
+    hook = fid_net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        fid_net(torch.tensor([-1.0, 1.0]).repeat(1, 3, 4, 1))  # two columns: 8-bit 0 and 255
+    hook.remove()
+    row = seen[0][0, 0, 0]  # output column i samples at 2i/299: a ramp to column 1, then 255 for i >= 150
+    assert row[0] == -1 and (row[1:150] > row[:149]).all() and torch.equal(row[150:].unique(), torch.tensor([127 / 128]))
+
+
 def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
     with torch.no_grad():
         rgb = fid_net(torch.rand(2, 3, 32, 32) * 2 - 1)
@@ -848,6 +869,20 @@ def last_log(out, stage):
     """{name: value} of the last training log line of `stage` in printed output."""
     line = [line for line in out.splitlines() if line.startswith(f"[{stage}] step ")][-1]
     return {k: float(v) for k, v in re.findall(r"([a-z]+) (-?\d+\.\d+)(?= |$)", line)}
+
+
+def test_distill_starts_the_student_from_raw_weights_and_guides_it_by_the_ema(tmp_path, monkeypatch):
+    for stage in ("teacher", "pairs", "reflow"):
+        assert run(tmp_path, "--stage", stage) == 0
+    reflow = sf.read_checkpoint(tmp_path / "reflow.pt")
+    assert any(not torch.equal(reflow["model"][k], reflow["ema"][k]) for k in reflow["model"])  # they differ
+    seen = {}
+    monkeypatch.setattr(sf, "train", lambda net, objective, *args, **kwargs: seen.update(G=net, loss=objective))
+    assert run(tmp_path, "--stage", "distill") == 0
+    for key, value in seen["G"].net.state_dict().items():  # as the official code: raw weights, a fresh EMA
+        assert torch.equal(value, reflow["model"][key]), key
+    for key, value in seen["loss"].v2.state_dict().items():  # the frozen guide: the EMA
+        assert torch.equal(value, reflow["ema"][key]), key
 
 
 def test_distill_stage_weighs_the_regularizer_by_reg_weight(tmp_path, capsys):
@@ -1549,8 +1584,9 @@ def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
                           str(tmp_path / "data"), "--stage", "eval", "--pairs-batch", "16"])
     extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
     real = sf.to_unit_range(sf.image_dataset("shapes", args.data_dir, 32, 48, args.seed))
-    assert sf.fid_of(real + 0.0035, args, extractor) == pytest.approx(0, abs=1e-4)  # within half an 8-bit level
+    assert sf.fid_of(real + 0.0035, args, extractor) == pytest.approx(0, abs=1e-4)  # within the same 8-bit level
     assert sf.fid_of(real + 0.01, args, extractor) > 1e-3
+    assert sf.fid_of(real - 0.0035, args, extractor) > 1e-3  # truncated, as the official code does: not rounded
 
 
 # ----------------------------------------------------------------------------- 16. Bench
@@ -1618,6 +1654,18 @@ def test_the_command_line_exits_with_status_2_and_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(HERE / "slimflow.py"), "--out", str(tmp_path), "--steps", "-3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+def test_cifar10_defaults_are_the_official_recipe():
+    teacher, reflow, distill = (sf.settings_for({"dataset": "cifar10"}, s) for s in ("teacher", "reflow", "distill"))
+    for cfg in (teacher, reflow):  # configs/rectified_flow/cifar10_rf_gaussian.py
+        assert (cfg.flip, cfg.lr_warmup, cfg.lr, cfg.batch_size, cfg.ema_decay) == (True, 5000, 2e-4, 128, 0.999999)
+    # train.py when fine-tuning a pre-trained model: no warm-up, no flips; reflow/reflow.py: LPIPS
+    assert (distill.flip, distill.lr_warmup, distill.ema_decay, distill.distance) == (False, 0, 0.999999, "lpips")
+    assert sf.settings_for({"dataset": "fashion_mnist"}, "distill").distance == "lpips"
+    for dataset in ("shapes", "8gaussians"):  # CPU demos and tests need no downloads
+        assert sf.settings_for({"dataset": dataset}, "distill").distance == "l2"
+    assert sf.settings_for({"dataset": "cifar10", "flip": True, "lr_warmup": 7}, "distill").flip is True
 
 
 # ----------------------------------------------------------------------------- the notebook
