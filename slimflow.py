@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 import types
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -728,7 +729,7 @@ def stage_distill(cfg):
     u starts from v2's raw weights, with an EMA of its own, as in the official code."""
     v2, ckpt = load_stage_network(cfg, "reflow")
     G = OneStepGenerator(load_stage_network(cfg, "reflow", weights="model")[0].train().requires_grad_(True))
-    distance = lpips_distance(cfg.device) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
+    distance = lpips_distance(cfg) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
     objective = FlowGuidedDistillationLoss(v2, distance, cfg.reg_weight, cfg.target_form)
     print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
           f"target {cfg.target_form}")
@@ -1165,17 +1166,65 @@ def load_stage_network(cfg, stage, weights="ema"):
     return network_from_checkpoint(ckpt, cfg.device, weights), ckpt
 
 
-def lpips_distance(device):
-    try:
-        import lpips
-    except ImportError:
-        raise UsageError("--distance lpips needs the lpips package (pip install lpips); "
-                         "or use --distance l2 or huber") from None
-    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+LPIPS_URLS = ("https://download.pytorch.org/models/vgg16-397923af.pth",  # VGG16 on ImageNet, torchvision's
+              "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth")
 
-    def distance(a, b):  # LPIPS works at 224x224, as in the official code
-        a, b = (F.interpolate(x.expand(-1, 3, -1, -1), size=224, mode="bilinear") for x in (a, b))  # grey -> RGB
-        return net(a, b).flatten()
+
+def lpips_network(weights=None):
+    """LPIPS v0.1 on VGG16, exactly as lpips.LPIPS(net="vgg") computes it: two batches of
+    images in [-1, 1] -> (batch,) distances. Features at five depths are unit-normalised
+    across channels; their squared differences are weighed per channel by non-negative 1x1
+    layers and averaged over space. weights: None (random, for tests), a path or a state
+    dict laid out as lpips.LPIPS(net="vgg")'s."""
+    class LPIPS(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scaling_layer = nn.Module()  # [-1, 1] onto ImageNet's statistics
+            self.scaling_layer.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+            self.scaling_layer.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+            vgg, ch = [], 3  # torchvision's vgg16().features up to relu5_3, numbered as there
+            for width in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+                vgg += [nn.MaxPool2d(2)] if width == "M" else [nn.Conv2d(ch, width, 3, padding=1), nn.ReLU()]
+                ch = ch if width == "M" else width
+            ends = (0, 4, 9, 16, 23, 30)  # slices end at relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3
+            self.net = nn.ModuleDict({f"slice{k + 1}": nn.Sequential(OrderedDict((str(i), vgg[i]) for i in range(a, b)))
+                                      for k, (a, b) in enumerate(zip(ends, ends[1:]))})
+            lins = [nn.Module() for _ in range(5)]
+            for k, (lin, width) in enumerate(zip(lins, (64, 128, 256, 512, 512))):
+                lin.model = nn.Sequential(nn.Identity(), nn.Conv2d(width, 1, 1, bias=False))  # Identity: lpips' dropout
+                setattr(self, f"lin{k}", lin)
+            self.lins = nn.ModuleList(lins)  # lpips holds each twice, as lin<k> and lins.<k>
+
+        def forward(self, a, b):
+            x, distance = (torch.cat([a, b]) - self.scaling_layer.shift) / self.scaling_layer.scale, 0
+            for layers, lin in zip(self.net.values(), self.lins):
+                x = layers(x)
+                fa, fb = (x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
+                distance = distance + lin.model((fa - fb).square()).mean((2, 3))
+            return distance.flatten()
+
+    net = LPIPS()
+    if weights is not None:
+        load_weights(net, weights, "LPIPS")
+    return net.eval().requires_grad_(False)
+
+
+def lpips_distance(cfg):
+    """The official distillation distance: LPIPS of both images resized to 64x64 (bilinear,
+    align_corners=True; grey as RGB). Its weights: --lpips-weights, or torchvision's VGG16 and
+    LPIPS v0.1's linear layers, downloaded once into <data-dir>/lpips."""
+    weights = cfg.lpips_weights
+    if weights is None:
+        vgg, lin = (torch.load(download(url, Path(cfg.data_dir) / "lpips", "the LPIPS weights", "--lpips-weights"),
+                               map_location="cpu", weights_only=True) for url in LPIPS_URLS)
+        weights = {key: vgg["features." + key.split(".", 2)[2]] if key.startswith("net.")
+                   else lin[key.replace("lins.", "lin")] if key.startswith("lin") else value
+                   for key, value in lpips_network().state_dict().items()}
+    net = lpips_network(weights).to(cfg.device)
+
+    def distance(a, b):
+        a, b = (F.interpolate(x.expand(-1, 3, -1, -1), size=64, mode="bilinear", align_corners=True) for x in (a, b))
+        return net(a, b)
     return distance
 
 
@@ -1794,6 +1843,8 @@ def parse_args(argv=None):
     add("--from", dest="sample_from", choices=SAMPLE_SOURCES, help="stage to sample or evaluate (default: the latest)")
     add("--num-samples", type=count, help="samples to draw (eval on images: 50,000)")
     add("--fid-weights", help="FID Inception weights (default: downloaded once into <data-dir>/fid)")
+    add("--fid-stats", help="the training set's FID statistics, an .npz of mu and sigma (default: computed)")
+    add("--lpips-weights", help="LPIPS weights, laid out as lpips.LPIPS(net='vgg')'s (default: downloaded)")
     return settings_for(vars(p.parse_args(argv)))
 
 

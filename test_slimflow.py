@@ -1299,10 +1299,78 @@ def test_a_checkpoint_of_another_stage_is_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- 12. The run directory
 
-def test_lpips_without_the_package_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips raises ImportError
-    with pytest.raises(sf.UsageError, match="pip install lpips"):
-        sf.lpips_distance("cpu")
+@pytest.fixture(scope="module")
+def lpips_net():
+    return sf.lpips_network()
+
+
+def test_lpips_has_the_layout_of_the_lpips_package(lpips_net):
+    shapes = {k: tuple(v.shape) for k, v in lpips_net.state_dict().items()}
+    convs = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256), (512, 256), (512, 512),
+             (512, 512), (512, 512), (512, 512), (512, 512)]  # VGG16's 13 convolutions, numbered as torchvision's
+    indices = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    slices = [1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+    expected = {"scaling_layer.shift": (1, 3, 1, 1), "scaling_layer.scale": (1, 3, 1, 1)}
+    for (c_out, c_in), i, k in zip(convs, indices, slices):
+        expected.update({f"net.slice{k}.{i}.weight": (c_out, c_in, 3, 3), f"net.slice{k}.{i}.bias": (c_out,)})
+    for k, c in enumerate((64, 128, 256, 512, 512)):
+        expected.update({f"lin{k}.model.1.weight": (1, c, 1, 1), f"lins.{k}.model.1.weight": (1, c, 1, 1)})
+    assert shapes == expected
+
+
+def test_lpips_is_zero_on_equal_images_and_symmetric(lpips_net):
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    with torch.no_grad():
+        assert torch.equal(lpips_net(a, a), torch.zeros(3))
+        d = lpips_net(a, b)
+        assert d.shape == (3,) and (d != 0).all() and torch.allclose(d, lpips_net(b, a), rtol=1e-6)
+
+
+def test_lpips_by_hand_on_plain_colours():
+    # convolutions that pass the 3 colour channels through (centre tap 1, biases 0), so every
+    # depth sees relu((x - shift)/scale) of the plain colour; the linear layers weigh channel 0
+    # by 1, 1 by 2 and 2 by 3: LPIPS = 5 depths · Σ_c w_c·(û_a - û_b)_c² with û the unit vector
+    net = sf.lpips_network()
+    state = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    for key in state:
+        if key.startswith("net.") and key.endswith("weight"):
+            for c in range(3):
+                state[key][c, c, 1, 1] = 1.0
+        if key.startswith("lin"):
+            state[key][0, :3] = torch.tensor([1.0, 2.0, 3.0])[:, None, None]
+    shift, scale = torch.tensor([-0.030, -0.088, -0.188]), torch.tensor([0.458, 0.448, 0.450])
+    state.update({"scaling_layer.shift": shift.view(1, 3, 1, 1), "scaling_layer.scale": scale.view(1, 3, 1, 1)})
+    net = sf.lpips_network(state)
+    a, b = torch.tensor([0.2, 0.5, -0.1]), torch.tensor([0.9, 0.1, 0.3])
+    unit = [((x - shift) / scale).clamp(min=0) / ((x - shift) / scale).clamp(min=0).norm() for x in (a, b)]
+    expected = 5 * (torch.tensor([1.0, 2.0, 3.0]) * (unit[0] - unit[1]).square()).sum()
+    with torch.no_grad():
+        d = net(a.view(1, 3, 1, 1).expand(2, 3, 16, 16), b.view(1, 3, 1, 1).expand(2, 3, 16, 16))
+    torch.testing.assert_close(d, expected.expand(2), rtol=1e-5, atol=0)
+
+
+def test_lpips_weights_offline_is_a_one_line_error(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    cfg = sf.settings_for({"dataset": "shapes", "data_dir": str(tmp_path), "distance": "lpips"}, "distill")
+    with pytest.raises(sf.UsageError, match="put it at .*vgg16-397923af.pth, or pass --lpips-weights") as err:
+        sf.lpips_distance(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_distill_with_lpips_trains_from_given_weights(tmp_path):
+    argv = ["--dataset", "shapes", "--max-images", "32", "--teacher-model", "unet-micro", "--model", "unet-micro",
+            "--steps", "2", "--batch-size", "4", "--num-pairs", "8", "--pairs-batch", "8", "--rtol", "1e-2",
+            "--atol", "1e-2", "--preview-every", "0", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]
+    for stage in ("teacher", "pairs", "reflow"):
+        assert sf.main([*argv, "--stage", stage]) == 0
+    torch.save(sf.lpips_network().state_dict(), tmp_path / "lpips.pth")
+    assert sf.main([*argv, "--stage", "distill", "--distance", "lpips", "--lpips-weights", str(tmp_path / "lpips.pth")]) == 0
+    assert sf.read_checkpoint(tmp_path / "distill.pt")["step"] == 2
 
 
 def test_a_stage_without_its_input_names_the_command_that_makes_it(tmp_path, capsys):
