@@ -974,13 +974,18 @@ def from_official(state_dict):
 # step, the training settings and the random state of the data and of every process.
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file, and a
-    failed write (a full disk) leaves the previous file as it was and no partial one."""
+    """torch.save obj (or write bytes, or call obj(file)) to a temporary file, then rename: a
+    crash never leaves half a file; a failed write (a full disk) leaves the previous file as it
+    was and no partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        if callable(obj):
+            with open(tmp, "wb") as f:
+                obj(f)
+        else:
+            tmp.write_bytes(obj) if isinstance(obj, bytes) else torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -1465,8 +1470,9 @@ def download(url, folder, what, flag):
 
 
 def fid_of(x, cfg, extractor=None):
-    """FID of generated images x against the training set, whose statistics are cached in
-    --data-dir per dataset, size, image count and feature network."""
+    """FID of generated images x against the training set, whose statistics come from
+    --fid-stats or are computed once and cached in --data-dir per dataset, size, image count
+    and feature network."""
     if extractor is None:
         weights = cfg.fid_weights or download(FID_WEIGHTS_URL, Path(cfg.data_dir) / "fid", "the FID Inception weights",
                                               "--fid-weights")
@@ -1482,17 +1488,23 @@ def fid_of(x, cfg, extractor=None):
             print(f"\r[fid] {what}: {done} images  {done / (time.time() - tic):.0f} img/s", end="", flush=True)
         print()
         return gaussian_stats(torch.cat(feats).numpy())
-    real = image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_images, cfg.seed)
-    cache = Path(cfg.data_dir) / (f"fid_stats_{cfg.dataset}_train_{cfg.image_size}px_{len(real)}_"
-                                   f"{type(extractor).__name__.lower()}.npz")
-    if not cache.exists():
-        mu, sigma = features(real, f"{cfg.dataset} training set")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, mu=mu, sigma=sigma)
-        print(f"[fid] cached training-set statistics in {cache}")
-    stats = np.load(cache)
+    if cfg.fid_stats:
+        stats = Path(cfg.fid_stats)
+    else:
+        real = image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_images, cfg.seed)
+        stats = Path(cfg.data_dir) / (f"fid_stats_{cfg.dataset}_train_{cfg.image_size}px_{len(real)}_"
+                                      f"{type(extractor).__name__.lower()}_tf1.npz")
+        if not stats.exists():
+            mu, sigma = features(real, f"{cfg.dataset} training set")
+            save_atomic(lambda f: np.savez(f, mu=mu, sigma=sigma), stats)
+            print(f"[fid] cached training-set statistics in {stats}")
+    try:
+        with np.load(stats) as npz:
+            mu_real, sigma_real = npz["mu"], npz["sigma"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"{stats} holds no FID statistics (an .npz of mu and sigma): {err}") from None
     x = (255 * (x.clamp(-1, 1) + 1) / 2).to(torch.uint8)  # 8-bit, truncated, as the official evaluation does
-    return frechet_distance(*features(x, "samples"), stats["mu"], stats["sigma"])
+    return frechet_distance(*features(x, "samples"), mu_real, sigma_real)
 
 
 def count_macs(model, *inputs):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -1655,6 +1656,22 @@ def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
     assert sf.fid_of(real + 0.0035, args, extractor) == pytest.approx(0, abs=1e-4)  # within the same 8-bit level
     assert sf.fid_of(real + 0.01, args, extractor) > 1e-3
     assert sf.fid_of(real - 0.0035, args, extractor) > 1e-3  # truncated, as the official code does: not rounded
+
+
+def test_fid_reads_given_training_set_statistics(tmp_path):
+    argv = ["--dataset", "shapes", "--max-images", "48", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"),
+            "--stage", "eval", "--pairs-batch", "16"]
+    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
+    real = sf.to_unit_range(sf.image_dataset("shapes", tmp_path / "data", 32, 48, 0))
+    fid = sf.fid_of(real + 0.01, sf.parse_args(argv), extractor)
+    cached = next((tmp_path / "data").glob("fid_stats_*.npz"))
+    shutil.move(cached, tmp_path / "given.npz")
+    given = sf.parse_args([*argv, "--fid-stats", str(tmp_path / "given.npz")])
+    assert sf.fid_of(real + 0.01, given, extractor) == fid
+    assert not list((tmp_path / "data").glob("fid_stats_*.npz"))  # read from the file, not computed again
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    with pytest.raises(sf.UsageError, match="holds no FID statistics"):
+        sf.fid_of(real, sf.parse_args([*argv, "--fid-stats", str(tmp_path / "bad.npz")]), extractor)
 
 
 # ----------------------------------------------------------------------------- 16. Bench
