@@ -1159,6 +1159,9 @@ def load_stage_network(cfg, stage, weights="ema"):
     --init-ckpt (the 2-rectified flow) when given, in our format or the official one; else
     from --out."""
     given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}.get(stage)
+    if given and given.startswith(("https://", "http://")):  # e.g. the published files: kept, per URL
+        given = download(given, Path(cfg.data_dir) / "checkpoints" / hashlib.sha256(given.encode()).hexdigest()[:12],
+                         f"the checkpoint {given}", "--teacher-ckpt" if stage == "teacher" else "--init-ckpt")
     path = Path(given) if given else out_path(cfg, stage)
     ckpt = read_checkpoint(path, made_by=make_command(cfg, stage), official_ok=bool(given))
     if ckpt.get("format") != "slimflow":  # official: the architecture comes from the preset flag
@@ -1455,14 +1458,20 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
 
 
 def download(url, folder, what, flag):
-    """The file at url, kept in folder: downloaded once; offline, a one-line error."""
+    """The file at url, kept in folder: downloaded once, with a progress line; offline, a
+    one-line error."""
     import urllib.request
-    path = Path(folder) / url.rsplit("/", 1)[1]
+    path = Path(folder) / url.split("?")[0].rsplit("/", 1)[1]
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with urllib.request.urlopen(url, timeout=20) as response:  # never hang offline
-                save_atomic(response.read(), path)
+                size, chunks = int(response.headers.get("Content-Length") or 0), []
+                while chunk := response.read(1 << 22):
+                    chunks.append(chunk)
+                    print(f"\r[download] {path.name}: {sum(map(len, chunks)) / 1e6:.1f} of {size / 1e6:.1f} MB", end="")
+                print()
+            save_atomic(b"".join(chunks), path)
         except OSError as err:
             raise UsageError(f"could not download {what} ({err}); download {url} and put it at {path.resolve()}, "
                              f"or pass {flag} PATH") from None
@@ -1815,8 +1824,8 @@ def parse_args(argv=None):
     add("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default on for images)")
     add("--teacher-model", help=f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}")
     add("--model", help="student preset (reflow and distill)")
-    add("--teacher-ckpt", help="teacher checkpoint to use instead of <out>/teacher.pt (ours or official)")
-    add("--init-ckpt", help="2-rectified flow to distill instead of <out>/reflow.pt (ours or official)")
+    add("--teacher-ckpt", help="teacher checkpoint (a path or URL) instead of <out>/teacher.pt, ours or official")
+    add("--init-ckpt", help="2-rectified flow to distill (a path or URL) instead of <out>/reflow.pt, ours or official")
     add("--steps", type=count, help="training steps of the stage (all: of every stage)")
     add("--batch-size", type=count)
     add("--lr", type=positive)

@@ -1300,6 +1300,34 @@ def test_a_checkpoint_of_another_stage_is_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- 12. The run directory
 
+def test_a_checkpoint_by_url_is_downloaded_once(tmp_path, capsys):
+    import http.server
+    import threading
+    assert run(tmp_path / "given", "--stage", "teacher") == 0
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "given"), **kwargs)
+
+        def log_message(self, *args):
+            requests.append(args)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/teacher.pt"
+    try:
+        for out in ("a", "b"):
+            assert run(tmp_path / out, "--stage", "pairs", "--teacher-ckpt", url, "--data-dir", str(tmp_path / "data")) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(requests) == 1 and "[download] teacher.pt" in capsys.readouterr().out
+    pairs = [torch.load(tmp_path / out / "pairs.pt", weights_only=True)["z1"] for out in ("a", "b")]
+    assert torch.equal(pairs[0], pairs[1])
+    assert run(tmp_path / "c", "--stage", "pairs", "--teacher-ckpt", url + "?x") == 2  # the server is gone
+    assert_one_line_error(capsys, "could not download the checkpoint http://127.0.0.1")
+
+
 @pytest.fixture(scope="module")
 def lpips_net():
     return sf.lpips_network()
