@@ -793,20 +793,21 @@ def read_idx_images(path):
     return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, 1, h, w)
 
 
-def image_dataset(name, data_dir, image_size=32, limit=None, seed=0):
-    """Training images as a uint8 tensor (n, c, image_size, image_size)."""
+def image_dataset(name, data_dir, image_size=32, limit=None, seed=0, train=True):
+    """Training images (or, train=False, held-out ones: the test set; a folder has none) as a
+    uint8 tensor (n, c, image_size, image_size)."""
     import torchvision  # only the image path needs it
-    data_dir = Path(data_dir)
-    idx = [p for p in (data_dir / "train-images-idx3-ubyte", data_dir / "train-images-idx3-ubyte.gz") if p.exists()]
+    data_dir, part = Path(data_dir), "train" if train else "t10k"
+    idx = [p for p in (data_dir / f"{part}-images-idx3-ubyte", data_dir / f"{part}-images-idx3-ubyte.gz") if p.exists()]
     if name == "shapes":
-        x = shapes_images(limit or 10_000, image_size, seed)
+        x = shapes_images(limit or 10_000, image_size, seed if train else seed + 1)
     elif name in ("mnist", "fashion_mnist") and idx:  # plain idx files, e.g. Debian's dataset-fashion-mnist
         x = read_idx_images(idx[0])
     elif name in ("mnist", "fashion_mnist", "cifar10"):
         dataset = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name]
         dataset = getattr(torchvision.datasets, dataset)
         try:
-            x = torch.as_tensor(dataset(str(data_dir), train=True, download=True).data)
+            x = torch.as_tensor(dataset(str(data_dir), train=train, download=True).data)
         except Exception as err:
             raise UsageError(f"could not load {name} into {data_dir} ({type(err).__name__}: {err}); offline? put "
                              f"the files where torchvision expects them under {data_dir}, or for fashion_mnist pass "
@@ -1516,6 +1517,36 @@ def fid_of(x, cfg, extractor=None):
     return frechet_distance(*features(x, "samples"), mu_real, sigma_real)
 
 
+def laplacian_swd(x, y, max_images=1000, patches=128, seed=0):
+    """PGGAN's multi-scale sliced Wasserstein distance between two image sets, with no
+    pretrained weights: at each level of a Laplacian pyramid (down to 16x16), 7x7 patches at
+    `patches` random places per image, each channel standardised over the set, compared by
+    SW2; the mean over levels, x 1e3 as PGGAN reports it. Images: uint8 or in [-1, 1]."""
+    n, g = min(len(x), len(y), max_images), torch.Generator().manual_seed(seed)
+    kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    kernel = (kernel[:, None] * kernel).expand(x.shape[1], 1, 5, 5)
+
+    def blur(im):
+        return F.conv2d(F.pad(im, (2, 2, 2, 2), mode="reflect"), kernel, groups=im.shape[1])
+
+    def pyramid(im):  # the Laplacian pyramid, finest level first
+        levels = []
+        while im.shape[-1] > 16:
+            down, up = blur(im)[..., ::2, ::2], torch.zeros_like(im)
+            up[..., ::2, ::2] = down
+            levels, im = levels + [im - 4 * blur(up)], down
+        return levels + [im]
+
+    distances = []
+    for a, b in zip(pyramid(to_unit_range(x[:n]).cpu()), pyramid(to_unit_range(y[:n]).cpu())):
+        i, j = (torch.randint(a.shape[-1] - 6, (n, patches), generator=g) for _ in range(2))
+        sets = [im.unfold(2, 7, 1).unfold(3, 7, 1)[torch.arange(n)[:, None], :, i, j].flatten(0, 1).flatten(2)
+                for im in (a, b)]  # (n·patches, channels, 49)
+        sets = [(d - d.mean((0, 2), keepdim=True)) / (d.std((0, 2), keepdim=True) + 1e-8) for d in sets]
+        distances.append(sliced_wasserstein(sets[0], sets[1], num_projections=128, seed=seed))
+    return 1e3 * float(np.mean(distances))
+
+
 def count_macs(model, *inputs):
     """Multiply-accumulates per sample of model(*inputs), from torch's FLOP counter (2 FLOPs
     a MAC): `attention` for everything inside attention blocks (q/k/v/output projections and
@@ -1554,13 +1585,14 @@ def si(n):
 
 def evaluate(cfg, stage, net, sampler, method=None, extractor=None):
     """One row of the paper's table for a stage's network and sampler: #params, NFE, SW2 to
-    the data (2-D) or FID (images), MACs and FLOPs per sample, straightness (flows),
+    the data (2-D) or FID and SWD (images), MACs and FLOPs per sample, straightness (flows),
     samples/s. `extractor` replaces FID's Inception (tests)."""
     x, nfe = generate_all(net, stage, cfg, sampler)
     row = {"method": method or f"{stage} ({sampler_name(stage, nfe, sampler)})", "params": num_params(net), "nfe": nfe}
     if cfg.toy:
         row["sw2"] = sliced_wasserstein(x, toy_data(cfg.dataset, len(x), cfg.seed + 3))
-    else:
+    else:  # SWD against held-out images needs no pretrained network
+        row["swd"] = laplacian_swd(x, image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, None, cfg.seed, False))
         row["fid"] = fid_of(x, cfg, extractor)
     z = fixed_noise(cfg, min(cfg.num_samples, cfg.pairs_batch), "eval").to(cfg.device)
     t = torch.full((1,), 0.5, device=cfg.device)
@@ -1574,18 +1606,20 @@ def evaluate(cfg, stage, net, sampler, method=None, extractor=None):
 
 
 def print_table(cfg, rows):
-    """The paper's table; on a toy, against the SW2 floor (the SW2 between two independent
-    draws of the data, which no model beats), which it returns."""
+    """The paper's table: on images FID and SWD; on a toy SW2 against its floor (the SW2
+    between two independent draws of the data, which no model beats), which it returns."""
     floor = sliced_wasserstein(toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 4),
                                toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 3)) if cfg.toy else None
-    print(f"{'method':36s}{'#params':>10s}{'NFE':>6s}{'SW2' if cfg.toy else 'FID':>9s}" + f"{'/floor':>8s}" * cfg.toy
-          + f"{'MACs':>9s}{'straight.':>10s}{'samples/s':>11s}")
+    quality = ("SW2", "/floor") if cfg.toy else ("FID", "SWD")
+    print(f"{'method':36s}{'#params':>10s}{'NFE':>6s}{quality[0]:>9s}{quality[1]:>8s}{'MACs':>9s}{'straight.':>10s}"
+          f"{'samples/s':>11s}")
     if cfg.toy:
         print(f"{'SW2 floor (two data draws)':36s}{'-':>10s}{'-':>6s}{floor:9.4f}{1:8.2f}")
     for r in rows:
         q = r.get("sw2", r.get("fid"))
-        print(f"{r['method']:36s}{r['params']:>10,}{r['nfe']:>6}{q:9.4f}" + (f"{q / floor:8.2f}" if cfg.toy else "")
-              + f"{si(r['macs']):>9s}{r.get('straightness', math.nan):10.4f}{r['samples_per_s']:11.0f}")
+        second = f"{q / floor:8.2f}" if cfg.toy else f"{r['swd']:8.1f}"
+        print(f"{r['method']:36s}{r['params']:>10,}{r['nfe']:>6}{q:9.4f}{second}"
+              f"{si(r['macs']):>9s}{r.get('straightness', math.nan):10.4f}{r['samples_per_s']:11.0f}")
     return floor
 
 

@@ -1671,7 +1671,7 @@ def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
     args = sf.parse_args([*argv, "--stage", "eval", "--num-samples", "48", "--pairs-batch", "8", "--sampler", "euler",
                           "--nfe", "2"])
     row = sf.stage_eval(args, extractor=extractor)
-    assert row["fid"] > 0 and row["nfe"] == 2 and row["macs_with_attention"] > row["macs"] > 0
+    assert row["fid"] > 0 and row["swd"] > 0 and row["nfe"] == 2 and row["macs_with_attention"] > row["macs"] > 0
     assert len(list((tmp_path / "data").glob("fid_stats_shapes_train_32px_48_*.npz"))) == 1  # cached
     assert sf.stage_eval(args, extractor=extractor)["fid"] == pytest.approx(row["fid"], rel=1e-9)
 
@@ -1684,6 +1684,18 @@ def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
     assert sf.fid_of(real + 0.0035, args, extractor) == pytest.approx(0, abs=1e-4)  # within the same 8-bit level
     assert sf.fid_of(real + 0.01, args, extractor) > 1e-3
     assert sf.fid_of(real - 0.0035, args, extractor) > 1e-3  # truncated, as the official code does: not rounded
+
+
+def test_swd_is_zero_between_equal_sets_and_grows_with_the_difference(monkeypatch):
+    real, held_out = sf.shapes_images(64, 32, seed=0), sf.shapes_images(64, 32, seed=1)
+    noise = torch.randint(0, 256, real.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert sf.laplacian_swd(real, real) == 0
+    assert 0 < sf.laplacian_swd(real, held_out) < sf.laplacian_swd(real, noise)
+    fine = sf.to_unit_range(real) + 0.2 * (torch.arange(32) % 2)  # stripes: only the finest level changes
+    levels, sliced = [], sf.sliced_wasserstein
+    monkeypatch.setattr(sf, "sliced_wasserstein", lambda a, b, **kw: levels.append(sliced(a, b, **kw)) or levels[-1])
+    sf.laplacian_swd(real, fine)
+    assert len(levels) == 2 and levels[0] > 0.1 and levels[1] < 0.01 * levels[0]  # 32x32, then 16x16
 
 
 def test_fid_reads_given_training_set_statistics(tmp_path):
