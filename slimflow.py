@@ -1085,16 +1085,16 @@ def load_checkpoint(path, model, ckpt=None, weights="ema"):
         return load_weights(model, ckpt[weights], path)
     if not isinstance(model, UNet):
         raise UsageError(f"{path} is an official checkpoint: it loads into a U-Net preset only")
-    weights = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     shadow = ckpt["ema"].get("shadow_params") if weights == "ema" and isinstance(ckpt.get("ema"), dict) else None
     if shadow:  # the EMA: a list in the official model.parameters() order, all but the `sigmas` buffer
-        names = [k for k in weights if k.startswith("all_modules.")]
+        names = [k for k in state if k.startswith("all_modules.")]
         if len(names) != len(shadow):
             raise UsageError(f"{path}: the EMA holds {len(shadow)} tensors but the model {len(names)}")
-        weights.update(zip(names, shadow))
-    check_tensors({k: v for k, v in weights.items() if k.startswith("all_modules.")},
+        state.update(zip(names, shadow))
+    check_tensors({k: v for k, v in state.items() if k.startswith("all_modules.")},
                   to_official(model.state_dict()), path)
-    model.load_state_dict(from_official(weights))
+    model.load_state_dict(from_official(state))
     return model
 
 

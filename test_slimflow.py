@@ -683,7 +683,6 @@ def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
 
 
 def test_fid_network_pools_the_tensorflow_way(fid_net):
-    import torch.nn.functional as F
     with torch.no_grad():  # the pool branch is the last slice of each block's output
         x = torch.randn(1, 192, 9, 9)
         torch.testing.assert_close(fid_net.Mixed_5b(x)[:, -32:],
@@ -1199,6 +1198,13 @@ def test_an_official_checkpoint_loads_and_computes_the_same_function(tmp_path):
     assert torch.equal(loaded(x, t), net(x, t))
 
 
+def test_an_official_checkpoint_gives_its_raw_weights_on_request(tmp_path):  # the distilled student's start
+    net = randomised_unet()
+    official_file(net, tmp_path / "official.pth", ema_scale=2.0)  # raw weights: twice the EMA's
+    raw = sf.load_checkpoint(tmp_path / "official.pth", sf.UNet(**sf.PRESETS["unet-micro"]), weights="model")
+    assert all(torch.equal(v, 2 * net.state_dict()[k]) for k, v in raw.state_dict().items())
+
+
 def test_official_attention_projections_are_transposed(tmp_path):
     net = randomised_unet()
     official = sf.to_official(net.state_dict())
@@ -1377,6 +1383,15 @@ def test_lpips_by_hand_on_plain_colours():
     with torch.no_grad():
         d = net(a.view(1, 3, 1, 1).expand(2, 3, 16, 16), b.view(1, 3, 1, 1).expand(2, 3, 16, 16))
     torch.testing.assert_close(d, expected.expand(2), rtol=1e-5, atol=0)
+
+
+def test_the_distillation_distance_is_lpips_at_64_by_64(tmp_path, lpips_net):
+    torch.save(lpips_net.state_dict(), tmp_path / "lpips.pth")
+    cfg = sf.settings_for({"dataset": "shapes", "lpips_weights": str(tmp_path / "lpips.pth")}, "distill")
+    a, b = torch.rand(2, 1, 28, 28) * 2 - 1, torch.rand(2, 1, 28, 28) * 2 - 1  # grey: seen as RGB
+    up = [F.interpolate(x.repeat(1, 3, 1, 1), size=64, mode="bilinear", align_corners=True) for x in (a, b)]
+    with torch.no_grad():  # the official lpips_forward_wrapper(size=64)
+        torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), lpips_net(*up))
 
 
 def test_lpips_weights_offline_is_a_one_line_error(tmp_path, monkeypatch):
