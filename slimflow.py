@@ -975,9 +975,9 @@ def from_official(state_dict):
 # step, the training settings and the random state of the data and of every process.
 
 def save_atomic(obj, path):
-    """torch.save obj (or write bytes, or call obj(file)) to a temporary file, then rename: a
-    crash never leaves half a file; a failed write (a full disk) leaves the previous file as it
-    was and no partial one."""
+    """torch.save obj (or call obj(file) to write it) to a temporary file, then rename: a crash
+    never leaves half a file; a failed write (a full disk) leaves the previous file as it was
+    and no partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -986,7 +986,7 @@ def save_atomic(obj, path):
             with open(tmp, "wb") as f:
                 obj(f)
         else:
-            tmp.write_bytes(obj) if isinstance(obj, bytes) else torch.save(obj, tmp)
+            torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -1467,12 +1467,14 @@ def download(url, folder, what, flag):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with urllib.request.urlopen(url, timeout=20) as response:  # never hang offline
-                size, chunks = int(response.headers.get("Content-Length") or 0), []
-                while chunk := response.read(1 << 22):
-                    chunks.append(chunk)
-                    print(f"\r[download] {path.name}: {sum(map(len, chunks)) / 1e6:.1f} of {size / 1e6:.1f} MB", end="")
-                print()
-            save_atomic(b"".join(chunks), path)
+                size = int(response.headers.get("Content-Length") or 0)
+
+                def copy(f):  # in chunks, to the temporary file: a 0.5 GB file is never held in memory
+                    while chunk := response.read(1 << 22):
+                        f.write(chunk)
+                        print(f"\r[download] {path.name}: {f.tell() / 1e6:.1f} of {size / 1e6:.1f} MB", end="")
+                    print()
+                save_atomic(copy, path)
         except OSError as err:
             raise UsageError(f"could not download {what} ({err}); download {url} and put it at {path.resolve()}, "
                              f"or pass {flag} PATH") from None
