@@ -1226,9 +1226,12 @@ def lpips_distance(cfg):
     if weights is None:
         vgg, lin = (torch.load(download(url, Path(cfg.data_dir) / "lpips", "the LPIPS weights", "--lpips-weights"),
                                map_location="cpu", weights_only=True) for url in LPIPS_URLS)
-        weights = {key: vgg["features." + key.split(".", 2)[2]] if key.startswith("net.")
-                   else lin[key.replace("lins.", "lin")] if key.startswith("lin") else value
-                   for key, value in lpips_network().state_dict().items()}
+        weights = lpips_network().state_dict()  # the layout, and the input scaling's constants
+        for key in weights:
+            if key.startswith("net."):  # net.slice<k>.<i>.* is torchvision's features.<i>.*
+                weights[key] = vgg["features." + key.split(".", 2)[2]]
+            elif key.startswith("lin"):  # lins.<k>.* is lin<k>.* again
+                weights[key] = lin[key.replace("lins.", "lin")]
     net = lpips_network(weights).to(cfg.device)
 
     def distance(a, b):

@@ -1394,6 +1394,26 @@ def test_the_distillation_distance_is_lpips_at_64_by_64(tmp_path, lpips_net):
         torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), lpips_net(*up))
 
 
+def test_lpips_weights_are_assembled_from_the_published_files(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    state = {k: torch.rand(v.shape, generator=g) / 10 for k, v in sf.lpips_network().state_dict().items()}
+    state["lins.2.model.1.weight"] = state["lin2.model.1.weight"]  # the package's two names for one layer
+    vgg = {f"features.{k.split('.', 2)[2]}": v for k, v in state.items() if k.startswith("net.")}  # torchvision's
+    vgg["classifier.0.weight"] = torch.zeros(2, 2)  # vgg16-397923af.pth holds the classifier too
+    lin = {k: v for k, v in state.items() if re.fullmatch(r"lin\d\.model\.1\.weight", k)}  # LPIPS v0.1's vgg.pth
+    for name, part in (("vgg16-397923af.pth", vgg), ("vgg.pth", lin)):
+        torch.save(part, tmp_path / name)
+    monkeypatch.setattr(sf, "download", lambda url, *args: tmp_path / url.rsplit("/", 1)[1])
+    for k in [k for k in state if k.startswith("lins.")]:
+        state[k] = state[k.replace("lins.", "lin")]
+    state.update({k: v for k, v in sf.lpips_network().state_dict().items() if k.startswith("scaling_layer.")})
+    a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    up = [F.interpolate(x, size=64, mode="bilinear", align_corners=True) for x in (a, b)]
+    cfg = sf.settings_for({"dataset": "shapes", "data_dir": str(tmp_path)}, "distill")
+    with torch.no_grad():
+        torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), sf.lpips_network(state)(*up))
+
+
 def test_lpips_weights_offline_is_a_one_line_error(tmp_path, monkeypatch):
     import urllib.request
 
