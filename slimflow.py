@@ -761,16 +761,15 @@ def stage_traflow(cfg):
 
 # -----------------------------------------------------------------------------
 # 9. Image data
-# Images are held in memory as uint8 and drawn with replacement by a seeded generator of
-# the data's own: a run is reproducible from its seed, a resumed run draws the same
-# batches, and the processes of a multi-GPU run share one stream of global batches.
+# Images stay in memory as uint8, drawn with replacement by the data's own seeded generator (saved in
+# checkpoints): a run reproduces from its seed, a resumed run draws the same batches, and all processes
+# draw the same global batches, each keeping its slice.
 
 IMAGE_DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "shapes")
 
 
 def shapes_images(n, size=32, seed=0):
-    """A procedural colour image set: one disc, square, diamond or triangle per image on a
-    plain background. uint8 (n, 3, size, size); it lets the image path run offline."""
+    """Procedural images (offline), uint8 (n, 3, size, size): a disc, square, diamond or triangle on a plain ground."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)[:, None]  # each (1, size, size)
     cx, cy = (rng.uniform(0.3, 0.7, (2, n, 1, 1)) * size)
@@ -794,9 +793,8 @@ def read_idx_images(path):
 
 
 def image_dataset(name, data_dir, image_size=32, limit=None, seed=0, train=True):
-    """Training images (or, train=False, held-out ones: the test set; a folder has none) as a
-    uint8 tensor (n, c, image_size, image_size)."""
-    import torchvision  # only the image path needs it
+    """Training images (train=False: the test set; a folder has none) as uint8 (n, c, image_size, image_size)."""
+    from torchvision import datasets, transforms as T  # only the image path needs torchvision
     data_dir, part = Path(data_dir), "train" if train else "t10k"
     idx = [p for p in (data_dir / f"{part}-images-idx3-ubyte", data_dir / f"{part}-images-idx3-ubyte.gz") if p.exists()]
     if name == "shapes":
@@ -804,31 +802,27 @@ def image_dataset(name, data_dir, image_size=32, limit=None, seed=0, train=True)
     elif name in ("mnist", "fashion_mnist") and idx:  # plain idx files, e.g. Debian's dataset-fashion-mnist
         x = read_idx_images(idx[0])
     elif name in ("mnist", "fashion_mnist", "cifar10"):
-        dataset = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name]
-        dataset = getattr(torchvision.datasets, dataset)
+        dataset = getattr(datasets, {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name])
         try:
             x = torch.as_tensor(dataset(str(data_dir), train=train, download=True).data)
         except Exception as err:
-            raise UsageError(f"could not load {name} into {data_dir} ({type(err).__name__}: {err}); offline? put "
-                             f"the files where torchvision expects them under {data_dir}, or for fashion_mnist pass "
-                             f"--data-dir /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)"
-                             ) from None
+            raise UsageError(f"could not load {name} into {data_dir} ({type(err).__name__}: {err}); offline? put the "
+                             f"files there as torchvision expects them, or for fashion_mnist pass --data-dir "
+                             f"/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)") from None
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # grey (n, h, w) or RGB (n, h, w, 3)
     elif name == "folder":
         from PIL import Image
         files = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
         if not files:
             raise UsageError(f"no images (.png, .jpg, .jpeg, .bmp, .webp) under --data-dir {data_dir}")
-        T = torchvision.transforms
         crop = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
         x = torch.stack([crop(Image.open(p).convert("RGB")) for p in files[:limit]])
     else:
         raise UsageError(f"unknown image dataset {name!r}; choose from {', '.join(IMAGE_DATASETS)}")
     x = x[:limit]
     if x.shape[-1] != image_size:  # e.g. 28x28 MNIST to the U-Net's 32x32
-        x = F.interpolate(x.float(), size=image_size, mode="bilinear", antialias=True)
-        x = x.round().clamp(0, 255).to(torch.uint8)
-    return x
+        x = F.interpolate(x.float(), size=image_size, mode="bilinear", antialias=True).round().clamp(0, 255)
+    return x.to(torch.uint8)
 
 
 def to_unit_range(x):
@@ -837,31 +831,25 @@ def to_unit_range(x):
 
 
 class TrainingData:
-    """Examples drawn with replacement by the data's own seeded generator (saved in every
-    checkpoint). The tensors of a pair (Z0, Z1) share the indices and the random horizontal
-    flip of images: a flipped Gaussian is still Gaussian, so a flipped pair is still a
-    coupling. Tensors stay compact (uint8, float16) and move to a GPU when they fit in a
-    quarter of its free memory. Every process draws the same global batch, and keeps its slice."""
+    """The tensors of a pair (Z0, Z1) share indices and random horizontal flips: a flipped Gaussian is still
+    Gaussian, so a flipped pair is still a coupling. Tensors stay compact (uint8, float16), and move to the GPU
+    when they fit in a quarter of its free memory."""
 
     def __init__(self, *tensors, flip=False, device="cpu", seed=0):
-        self.flip, self.device = flip, torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.flip, self.device, self.generator = flip, torch.device(device), torch.Generator().manual_seed(seed)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         fits = self.device.type != "cuda" or nbytes < torch.cuda.mem_get_info(self.device)[0] / 4
         self.tensors = [t.to(device) if fits else t for t in tensors]
 
-    def __len__(self):
-        return len(self.tensors[0])
-
     def sample(self, batch_size, rank=0, processes=1):
-        idx = torch.randint(len(self), (batch_size * processes,), generator=self.generator)
-        flip = torch.rand(batch_size * processes, generator=self.generator) < 0.5 if self.flip else None
         mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        idx = torch.randint(len(self.tensors[0]), (batch_size * processes,), generator=self.generator)[mine]
         # non_blocking: a blocking copy to a GPU would wait for the whole queue of earlier work
-        out = [to_unit_range(t[idx[mine].to(t.device, non_blocking=True)].to(self.device, non_blocking=True))
+        out = [to_unit_range(t[idx.to(t.device, non_blocking=True)].to(self.device, non_blocking=True))
                for t in self.tensors]
         if self.flip:
-            flip = flip[mine].to(self.device, non_blocking=True)[:, None, None, None]
+            flip = torch.rand(batch_size * processes, generator=self.generator)[mine] < 0.5
+            flip = flip.to(self.device, non_blocking=True)[:, None, None, None]
             out = [torch.where(flip, o.flip(-1), o) for o in out]
         return out[0] if len(out) == 1 else tuple(out)
 
@@ -869,9 +857,7 @@ class TrainingData:
 # -----------------------------------------------------------------------------
 # 10. Networks by name, and the official checkpoints' names
 
-# Named sizes. U-Nets: the official CIFAR10 networks and two tiny ones for CPU demos and
-# tests. MLPs: toy teachers and students.
-PRESETS = {
+PRESETS = {  # the official CIFAR10 U-Nets, and two tiny ones for CPU demos and tests
     "rf-61.8m": dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4),
     "slim-27.9m": dict(nf=128, ch_mult=(1, 2, 2), num_res_blocks=2),
     "slim-15.7m": dict(nf=96, ch_mult=(1, 2, 2), num_res_blocks=2),
@@ -880,9 +866,8 @@ PRESETS = {
     "unet-tiny": dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
     "unet-micro": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
 }
-MLP_PRESETS = {"mlp-256x3": dict(hidden=256, depth=3), "mlp-128x3": dict(hidden=128, depth=3),
-               "mlp-96x3": dict(hidden=96, depth=3), "mlp-64x2": dict(hidden=64, depth=2),
-               "mlp-32x2": dict(hidden=32, depth=2)}
+MLP_PRESETS = {f"mlp-{hidden}x{depth}": dict(hidden=hidden, depth=depth)  # toy networks
+               for hidden, depth in ((256, 3), (128, 3), (96, 3), (64, 2), (32, 2))}
 
 
 def build_model(name, data_shape, two_times=False):
@@ -900,38 +885,31 @@ def num_params(model):
 
 
 def add_second_time(state_dict):
-    """A one-time network's weights for its two-time (TraFlow) twin: the t embedding is
-    copied to s and both halves of the sum are halved, so that s = t reproduces the
-    one-time network exactly."""
+    """A one-time network's weights for its two-time (TraFlow) twin: s's embedding is a copy of t's, and both
+    halves of the sum are halved, so that s = t reproduces the one-time network exactly."""
     state = dict(state_dict)
-    if "time_mlp.0.weight" in state:  # U-Net: temb = time_mlp(t)/2 + s_mlp(s)/2 at the start
+    if "time_mlp.0.weight" in state:  # U-Net: temb = time_mlp(t)/2 + s_mlp(s)/2, halved in the last layer
         for key in [k for k in state if k.startswith("time_mlp.")]:
+            state[key] = state[key] / 2 if key.startswith("time_mlp.2.") else state[key]
             state[key.replace("time_mlp.", "s_mlp.")] = state[key].clone()
-        for key in ("time_mlp.2.weight", "time_mlp.2.bias", "s_mlp.2.weight", "s_mlp.2.bias"):
-            state[key] = state[key] / 2
     else:  # MLP: the first layer's columns that read t's embedding (after the data's)
-        last = max((k for k in state if k.startswith("net.") and k.endswith(".weight")),
-                   key=lambda k: int(k.split(".")[1]))
-        dim, w = state[last].shape[0], state["net.0.weight"].clone()
+        dim = len(list(state.values())[-1])  # the output layer's bias: one entry per data dimension
+        w = state["net.0.weight"].clone()
         w[:, dim:] /= 2
         state["net.0.weight"], state["s_proj.weight"] = w, w[:, dim:].clone()
     return state
 
 
-# Official checkpoints (the Rectified Flow and SlimFlow code) name the U-Net's modules by
-# position, `all_modules.<i>`, in exactly the order ours are created:
-#     0, 1 -> time_mlp.0, time_mlp.2     2 -> input_conv     3 ... n-3 -> blocks.<i - 3>
-#     n-2  -> out_norm                   n-1 -> out_conv
-# and, inside a block, by the layer names below. Attention projections (NIN) store W as an
-# (in, out) matrix applied as x·W: the transpose of a 1x1 convolution's weight.
+# Official checkpoints (the Rectified Flow and SlimFlow code) name the U-Net's modules by position in the
+# order ours are created, `all_modules.<i>` (see `ends` below), and a block's layers as below. Attention's
+# NIN layers store W as an (in, out) matrix applied as x·W: the transpose of a 1x1 convolution's weight.
 OFFICIAL_RESBLOCK = {"GroupNorm_0": "norm1", "Conv_0": "conv1", "Dense_0": "temb_proj",
                      "GroupNorm_1": "norm2", "Conv_1": "conv2", "Conv_2": "shortcut"}
 OFFICIAL_ATTENTION = {"GroupNorm_0": "norm", "NIN_0": "q", "NIN_1": "k", "NIN_2": "v", "NIN_3": "proj"}
 
 
 def official_names(keys, official):
-    """{our tensor name: the official one} for a U-Net whose state dict has these keys,
-    official ones or ours. Every module has a weight and a bias."""
+    """{our tensor name: the official one} for a U-Net with these tensor names, official ones or ours."""
     index = lambda k: int(k.split(".")[1])  # noqa: E731
     if official:  # n modules, those at `attn` attention blocks
         n = max(index(k) for k in keys if k.startswith("all_modules.")) + 1
@@ -946,9 +924,8 @@ def official_names(keys, official):
         modules = {"": ends[i]} if i in ends else {f".{theirs}": f"blocks.{i - 3}.{ours}"
                                                    for theirs, ours in layers.items()}
         for theirs, ours in modules.items():
-            nin = theirs.startswith(".NIN")
-            names[f"{ours}.weight"] = f"all_modules.{i}{theirs}." + ("W" if nin else "weight")
-            names[f"{ours}.bias"] = f"all_modules.{i}{theirs}." + ("b" if nin else "bias")
+            for param, their_param in zip(("weight", "bias"), ("W", "b") if ".NIN" in theirs else ("weight", "bias")):
+                names[f"{ours}.{param}"] = f"all_modules.{i}{theirs}.{their_param}"
     return names
 
 
@@ -959,12 +936,10 @@ def to_official(state_dict):
 
 
 def from_official(state_dict):
-    """Official U-Net tensor names -> ours. Entries with no counterpart (such as the
-    `sigmas` buffer) are dropped and listed in one log line."""
+    """Official U-Net tensor names -> ours; those with no counterpart (the `sigmas` buffer) are dropped, logged."""
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     ours = {theirs: mine for mine, theirs in official_names(state_dict, official=True).items()}
-    ignored = [k for k in state_dict if k not in ours]
-    if ignored:
+    if ignored := [k for k in state_dict if k not in ours]:
         print(f"[load] official entries with no counterpart, ignored: {', '.join(ignored)}")
     return {ours[k]: v.t()[:, :, None, None] if k.endswith(".W") else v for k, v in state_dict.items() if k in ours}
 
@@ -975,9 +950,7 @@ def from_official(state_dict):
 # step, the training settings and the random state of the data and of every process.
 
 def save_atomic(obj, path):
-    """torch.save obj (or call obj(file) to write it) to a temporary file, then rename: a crash
-    never leaves half a file; a failed write (a full disk) leaves the previous file as it was
-    and no partial one."""
+    """torch.save obj (or call obj(file)) to a temporary file, renamed once whole: a failed write keeps the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -994,8 +967,7 @@ def save_atomic(obj, path):
 
 
 def save_training(path, state, data):
-    """A training checkpoint (state: meta, step, weights, EMA, optimizer, settings) with every
-    random state a bit-exact continuation needs; rank 0 writes it."""
+    """A training checkpoint with every random state an exact continuation needs; rank 0 writes it."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng = {"data": data.generator.get_state(), "processes": gather({"torch": torch.get_rng_state(), "cuda": cuda})}
     if world()[0] == 0:
@@ -1003,8 +975,7 @@ def save_training(path, state, data):
 
 
 def resume_training(checkpoint, meta, net, ema, opt, data, seed):
-    """Load a training checkpoint into net, ema, opt and the data's and processes' random
-    states; returns its step."""
+    """Load a training checkpoint into net, ema, opt and the random states; returns its step."""
     rank, processes = world()
     ckpt = read_checkpoint(checkpoint)
     check_compatible(ckpt, checkpoint, meta.get("dataset"), meta.get("model_name"))
@@ -1031,9 +1002,7 @@ def last_good(checkpoint, saved):
 
 
 def read_checkpoint(path, made_by=None, official_ok=False):
-    """A checkpoint file as a dict: slimflow's own or, with official_ok, an official one (a
-    dict with `model`, `ema`, `optimizer`, `step`). A missing or unreadable file is a
-    UsageError."""
+    """A slimflow checkpoint (or, official_ok, an official one: a dict with `model`) as a dict, else a UsageError."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} not found" + (f"; make it with: python slimflow.py {made_by}" if made_by else ""))
@@ -1055,16 +1024,14 @@ def check_compatible(ckpt, path, dataset=None, model=None):
 
 
 def check_tensors(found, expected, path):
-    """Every expected tensor present with its shape (but BatchNorm's counters, which older
-    files lack), and no other; a difference is a UsageError naming the tensor."""
+    """Every expected tensor, with its shape (BatchNorm's counters may be missing), and no other."""
     for name, tensor in expected.items():
         if name not in found and not name.endswith("num_batches_tracked"):
             raise UsageError(f"{path}: tensor {name} is missing")
         if name in found and found[name].shape != tensor.shape:
             raise UsageError(f"{path}: tensor {name} has shape {tuple(found[name].shape)}, "
                              f"the network needs {tuple(tensor.shape)}")
-    extra = [k for k in found if k not in expected]
-    if extra:
+    if extra := [k for k in found if k not in expected]:
         raise UsageError(f"{path}: tensors with no place in the network: {', '.join(extra[:5])}")
 
 
@@ -1077,30 +1044,27 @@ def load_weights(net, weights, what):
 
 
 def load_checkpoint(path, model, ckpt=None, weights="ema"):
-    """Load a checkpoint's weights into `model`: the EMA when present (or the raw ones:
-    weights="model"), from a slimflow checkpoint or an official Rectified Flow / SlimFlow
-    one into a UNet. `ckpt` is the file's content when already read."""
+    """`model` with a checkpoint's EMA weights (weights="model": the raw ones), from a slimflow file or an
+    official Rectified Flow / SlimFlow one (into a UNet); `ckpt`: the file's content when already read."""
     ckpt = read_checkpoint(path, official_ok=True) if ckpt is None else ckpt
     if ckpt.get("format") == "slimflow":
         return load_weights(model, ckpt[weights], path)
     if not isinstance(model, UNet):
         raise UsageError(f"{path} is an official checkpoint: it loads into a U-Net preset only")
     state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    names = [k for k in state if k.startswith("all_modules.")]  # all but the `sigmas` buffer
     shadow = ckpt["ema"].get("shadow_params") if weights == "ema" and isinstance(ckpt.get("ema"), dict) else None
-    if shadow:  # the EMA: a list in the official model.parameters() order, all but the `sigmas` buffer
-        names = [k for k in state if k.startswith("all_modules.")]
+    if shadow:  # the EMA: a list in the official model.parameters() order
         if len(names) != len(shadow):
             raise UsageError(f"{path}: the EMA holds {len(shadow)} tensors but the model {len(names)}")
         state.update(zip(names, shadow))
-    check_tensors({k: v for k, v in state.items() if k.startswith("all_modules.")},
-                  to_official(model.state_dict()), path)
+    check_tensors({k: state[k] for k in names}, to_official(model.state_dict()), path)
     model.load_state_dict(from_official(state))
     return model
 
 
 def network_from_checkpoint(ckpt, device, weights="ema"):
-    """The EMA network (or the raw one: weights="model") stored in a slimflow checkpoint (a
-    OneStepGenerator for distill)."""
+    """A slimflow checkpoint's EMA network (weights="model": the raw one); a OneStepGenerator for distill."""
     net = build_model(ckpt["model_name"], tuple(ckpt["data_shape"]), two_times=ckpt["stage"] == "traflow")
     net = OneStepGenerator(net) if ckpt["stage"] == "distill" else net
     net.load_state_dict(ckpt[weights])
