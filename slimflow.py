@@ -1087,15 +1087,13 @@ def make_command(cfg, stage):
     return f"--dataset {cfg.dataset} --out {cfg.out} --stage {stage}"
 
 
-# Fixed noise has one stream per use, seed + offset, away from the training noise of process
-# r (seed + r). The pairs' noise is training data (the generator learns G(Z0) = Z1 on exactly
-# those Z0), so samples, previews and FID never reuse it.
+# Fixed noise: one stream per use (seed + offset), apart from process r's training noise (seed + r).
+# The pairs' Z0 are training data (G learns G(Z0) = Z1 on them): samples, previews and FID never reuse them.
 NOISE_STREAMS = {"pairs": 10**6, "samples": 10**6 + 1, "trajectories": 10**6 + 3, "eval": 10**6 + 4}
 
 
 def fixed_noise(cfg, n, stream):
-    """n draws of X0 ~ N(0, I) in the data's shape, on the host: the same in every run and
-    every process with this --seed."""
+    """n draws of X0 ~ N(0, I) in the data's shape, on the host: the same in every run and process."""
     return torch.randn(n, *cfg.shape, generator=torch.Generator().manual_seed(cfg.seed + NOISE_STREAMS[stream]))
 
 
@@ -1120,9 +1118,8 @@ def load_pairs(cfg):
 
 
 def load_stage_network(cfg, stage, weights="ema"):
-    """A stage's EMA network (or raw one: weights="model"): from --teacher-ckpt (teacher) or
-    --init-ckpt (the 2-rectified flow) when given, in our format or the official one; else
-    from --out."""
+    """A stage's EMA network (or raw one: weights="model") and checkpoint: from --teacher-ckpt or
+    --init-ckpt (reflow) when given, a path or URL, ours or official; else from --out."""
     given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}.get(stage)
     if given and given.startswith(("https://", "http://")):  # e.g. the published files: kept, per URL
         given = download(given, Path(cfg.data_dir) / "checkpoints" / hashlib.sha256(given.encode()).hexdigest()[:12],
@@ -1144,11 +1141,8 @@ LPIPS_URLS = ("https://download.pytorch.org/models/vgg16-397923af.pth",  # VGG16
 
 
 def lpips_network(weights=None):
-    """LPIPS v0.1 on VGG16, exactly as lpips.LPIPS(net="vgg") computes it: two batches of
-    images in [-1, 1] -> (batch,) distances. Features at five depths are unit-normalised
-    across channels; their squared differences are weighed per channel by non-negative 1x1
-    layers and averaged over space. weights: None (random, for tests), a path or a state
-    dict laid out as lpips.LPIPS(net="vgg")'s."""
+    """LPIPS v0.1 on VGG16, as lpips.LPIPS(net="vgg") computes it and with its layout: images in
+    [-1, 1] -> distances. weights: None (random, for tests), a path or a state dict."""
     class LPIPS(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1168,7 +1162,7 @@ def lpips_network(weights=None):
                 setattr(self, f"lin{k}", lin)
             self.lins = nn.ModuleList(lins)  # lpips holds each twice, as lin<k> and lins.<k>
 
-        def forward(self, a, b):
+        def forward(self, a, b):  # unit-normalised features' squared differences, weighed per channel
             x, distance = (torch.cat([a, b]) - self.scaling_layer.shift) / self.scaling_layer.scale, 0
             for layers, lin in zip(self.net.values(), self.lins):
                 x = layers(x)
@@ -1176,16 +1170,13 @@ def lpips_network(weights=None):
                 distance = distance + lin.model((fa - fb).square()).mean((2, 3))
             return distance.flatten()
 
-    net = LPIPS()
-    if weights is not None:
-        load_weights(net, weights, "LPIPS")
+    net = LPIPS() if weights is None else load_weights(LPIPS(), weights, "LPIPS")
     return net.eval().requires_grad_(False)
 
 
 def lpips_distance(cfg):
-    """The official distillation distance: LPIPS of both images resized to 64x64 (bilinear,
-    align_corners=True; grey as RGB). Its weights: --lpips-weights, or torchvision's VGG16 and
-    LPIPS v0.1's linear layers, downloaded once into <data-dir>/lpips."""
+    """The official distillation distance: LPIPS at 64x64 (bilinear, align_corners=True; grey as RGB), with
+    --lpips-weights or torchvision's VGG16 and LPIPS v0.1's layers, downloaded once into <data-dir>/lpips."""
     weights = cfg.lpips_weights
     if weights is None:
         vgg, lin = (torch.load(download(url, Path(cfg.data_dir) / "lpips", "the LPIPS weights", "--lpips-weights"),
@@ -1205,8 +1196,7 @@ def lpips_distance(cfg):
 
 
 def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
-    """Train net for a stage with the one loop, in cfg's settings: checkpointed to --out,
-    resumable, with previews of preview(ema, z)'s samples. Returns the EMA network."""
+    """train() in cfg's settings, checkpointed to --out, with previews of preview(ema, z); returns the EMA."""
     model_name = model_name or (cfg.teacher_model if stage == "teacher" else cfg.model)
     processes = world()[1]
     print(f"[{stage}] {model_name}: {num_params(net):,} parameters, {cfg.steps} steps of batch "
@@ -1215,15 +1205,12 @@ def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
     if torch.device(cfg.device).type == "cuda" and any(isinstance(m, UNet) for m in net.modules()):
         net = net.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
     z, folder = fixed_noise(cfg, 2000 if cfg.toy else 64, "samples").to(cfg.device), Path(cfg.out) / "previews"
-
-    def show(ema, step):
-        save_preview(preview(ema, z), folder / f"{stage}_{step:07d}.png", cfg)
     return train(net, objective, data, cfg.steps, cfg.batch_size, cfg.lr, lr_warmup=cfg.lr_warmup,
                  weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, seed=cfg.seed,
                  device=cfg.device, precision=cfg.precision, compile=cfg.compile, checkpoint=out_path(cfg, stage),
                  meta=dict(stage=stage, dataset=cfg.dataset, model_name=model_name, data_shape=list(cfg.shape)),
-                 resume=cfg.resume, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, preview=show,
-                 preview_every=cfg.preview_every)
+                 resume=cfg.resume, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, preview_every=cfg.preview_every,
+                 preview=lambda ema, step: save_preview(preview(ema, z), folder / f"{stage}_{step:07d}.png", cfg))
 
 
 def save_preview(x, path, cfg):
@@ -1232,42 +1219,34 @@ def save_preview(x, path, cfg):
     if x.dim() == 4:
         import torchvision
         return torchvision.utils.save_image((x[:64].float().cpu() + 1) / 2, path, nrow=8)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4, 4))
+    from matplotlib.figure import Figure  # drawn off-screen, without pyplot
+    ax = Figure(figsize=(4, 4)).subplots()
     ax.scatter(*toy_data(cfg.dataset, 2000, cfg.seed + 1).T, s=2, c="0.7", label="data")
     ax.scatter(*x[:2000].cpu().T, s=2, c="C0", label="samples")
     ax.set(xlim=(-5, 5), ylim=(-5, 5), title=Path(path).stem)
     ax.legend(loc="upper right", markerscale=4)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    ax.figure.savefig(path, dpi=100, bbox_inches="tight")
 
 
 # -----------------------------------------------------------------------------
 # 13. Pairs in shards
 
 def solve_pairs(cfg, z0, solve, teacher):
-    """Z1 = solve(Z0) in shards of --pairs-batch pairs, joined into pairs.pt. Z0 is drawn at
-    once from the seed, so a shard is the same whichever process solves it and whenever:
-    shards on disk are skipped (a stopped run continues), and under torchrun the processes
-    share the missing ones. Pairs are stored in float16 for images (Z0 is rounded before it
-    is solved, so every pair is exact) and float32 for 2-D points. Shards and pairs.pt keep
-    their recipe (the teacher's weights as a hash, seed, count, tolerances), and another
-    recipe's are refused: pairs never outlive their teacher unnoticed."""
-    path = out_path(cfg, "pairs")
+    """Z1 = solve(Z0) in shards of --pairs-batch pairs, joined into pairs.pt. Z0 is fixed by the seed, so a shard
+    is the same whoever solves it and whenever: shards on disk are skipped (a stopped run goes on) and torchrun's
+    processes share the missing ones. Images are kept in float16 (Z0 rounded first: every pair is exact). Shards
+    and pairs.pt keep their recipe (the teacher's weights as a hash, seed, count, tolerances): another's is refused."""
+    path, (rank, processes) = out_path(cfg, "pairs"), world()
     shards = path.with_suffix(".shards")
-    rank, processes = world()
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
     recipe = {"dataset": cfg.dataset, "shape": list(cfg.shape), "seed": cfg.seed, "num_pairs": cfg.num_pairs,
               "rtol": cfg.rtol, "atol": cfg.atol, "teacher": weights.hexdigest()}
 
-    def change(made):  # how the recipe of a file differs from this run's, in words
+    def change(made):  # how a file's recipe differs from this run's, in words
         return ("by an older slimflow, which kept no recipe" if made is None
                 else "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k]))
     if path.exists() and cfg.resume and not cfg.overwrite:  # reused only for the same teacher and recipe
-        made = read_checkpoint(path).get("recipe")
-        if made != recipe:
+        if (made := read_checkpoint(path).get("recipe")) != recipe:
             raise UsageError(f"{path} was solved {change(made)}; solve them again with: "
                              f"python slimflow.py {make_command(cfg, 'pairs')} --overwrite")
         print(f"[pairs] reusing {path}: same teacher and recipe")
@@ -1282,8 +1261,7 @@ def solve_pairs(cfg, z0, solve, teacher):
         shards.mkdir(parents=True, exist_ok=True)
         (shards / "recipe.json").write_text(json.dumps(recipe))
     barrier()
-    dtype = torch.float32 if cfg.toy else torch.float16
-    z0, starts = z0.to(dtype), range(0, cfg.num_pairs, cfg.pairs_batch)
+    z0, starts = z0.to(torch.float32 if cfg.toy else torch.float16), range(0, cfg.num_pairs, cfg.pairs_batch)
     shard = {i: shards / f"{i:09d}-{min(i + cfg.pairs_batch, cfg.num_pairs):09d}.pt" for i in starts}
     todo = [i for i in starts if not shard[i].exists()]
     barrier()  # every process has listed the missing shards before any writes one: they share one list
@@ -1292,7 +1270,7 @@ def solve_pairs(cfg, z0, solve, teacher):
     tic = time.time()
     for n, i in enumerate(todo[rank::processes], 1):
         x, nfe = solve(z0[i:i + cfg.pairs_batch].float().to(cfg.device))
-        save_atomic({"z1": x.cpu().to(dtype), "nfe": nfe}, shard[i])
+        save_atomic({"z1": x.cpu().to(z0.dtype), "nfe": nfe}, shard[i])
         print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {min(n * processes, len(todo))}/{len(todo)} shards in "
               f"{time.time() - tic:.1f}s", flush=True)
     barrier()
@@ -1308,20 +1286,15 @@ def solve_pairs(cfg, z0, solve, teacher):
 
 # -----------------------------------------------------------------------------
 # 14. Several processes
-# torchrun --nproc_per_node N slimflow.py ...: one process per GPU, NCCL between them (gloo
-# on CPUs). Every process holds the same network; each computes the loss on its own slice
-# of the global batch (batch_size·N examples from the data's shared stream) with its own
-# noise (seed + rank), and DistributedDataParallel averages the gradients during backward,
-# so N processes take the step one process would take on the whole global batch. Rank 0
-# alone prints, writes checkpoints and previews.
+# torchrun --nproc_per_node N slimflow.py ...: one process per GPU (NCCL; gloo on CPUs), each with the same
+# network, its own slice of the global batch (batch_size·N from the data's shared stream) and its own noise
+# (seed + rank). DDP averages the gradients in backward, so N processes take the step one would take on the
+# global batch. Rank 0 alone prints and writes checkpoints and previews.
 
 def start_processes(device):
-    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1):
-    NCCL between the processes' GPUs (cuda:LOCAL_RANK, see resolve_device), or gloo on CPUs.
-    torch.distributed.nn is imported at the top of this file, before the group exists:
-    imported later (DDP does), its default arguments would hold the group for good, gloo's
-    threads would outlive destroy_process_group, and one releasing a tensor at exit would
-    abort the interpreter."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL between the GPUs (cuda:LOCAL_RANK),
+    gloo on CPUs. torch.distributed.nn is imported at the top, before any group exists: imported later (as
+    DDP does), its default arguments would hold the group, and gloo's threads, outliving it, abort Python at exit."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return
     cuda = torch.device(device).type == "cuda"
@@ -1337,42 +1310,35 @@ def stop_processes():
         dist.destroy_process_group()
 
 
-def world():
-    """(rank of this process, number of processes): (0, 1) without torchrun."""
+def world():  # (rank of this process, number of processes): (0, 1) without torchrun
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def barrier():
-    """Wait for every process (e.g. until rank 0 has written a file the others read)."""
+def barrier():  # e.g. until rank 0 has written a file that the others read
     if dist.is_initialized():
         dist.barrier()
 
 
-def gather(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every process."""
+def gather(obj):  # [obj of rank 0, obj of rank 1, ...] on every process
     objs = [obj] * world()[1]
     if dist.is_initialized():
         dist.all_gather_object(objs, obj)
     return objs
 
 
-def first_bad_step(bad_step):
-    """The first step whose loss was not finite in any process, from each process's record
-    on its device: every process gets the same answer, so all stop together."""
+def first_bad_step(bad_step):  # the first non-finite step over all processes: all stop together
     if dist.is_initialized():
         dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
     return int(bad_step)
 
 
 def bf16_autocast(device, precision):
-    """bf16 autocast of forward and backward passes when precision is "bf16", else a no-op."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def training_view(net, device, compile=False):
-    """What the objective calls during training: net itself, under DDP with several
-    processes (which broadcasts rank 0's weights now and averages gradients in backward),
-    and compiled with `compile`. Weights, optimizer and EMA stay on net in float32."""
+    """What the objective calls: net, under DDP with several processes (which broadcasts rank 0's weights
+    and averages gradients), compiled with `compile`. Weights, optimizer and EMA stay on net in float32."""
     if world()[1] > 1:
         cuda = torch.device(device).type == "cuda"
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
