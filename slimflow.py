@@ -1347,9 +1347,8 @@ def training_view(net, device, compile=False):
 
 # -----------------------------------------------------------------------------
 # 15. Sampling and evaluation
-# Samples come from fixed noise, so every stage and sampler sees the same Z0. `eval` prints
-# the paper's table row (parameters, NFE, FID or SW2, MACs, straightness, samples/s); the
-# default toy run prints one row per model of the pipeline.
+# Samples come from fixed noise, so every stage and sampler sees the same Z0. `eval` prints one
+# row of the paper's table; the default toy run prints one per model of the pipeline.
 
 def generate(net, stage, z, cfg, sampler=None):
     """Samples and NFE from a stage's network: the generator is one call, TraFlow --nfe jumps."""
@@ -1392,8 +1391,7 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
 
 
 def download(url, folder, what, flag):
-    """The file at url, kept in folder: downloaded once, with a progress line; offline, a
-    one-line error."""
+    """The file at url, kept in folder: downloaded once, with a progress line; offline, a one-line error."""
     import urllib.request
     path = Path(folder) / url.split("?")[0].rsplit("/", 1)[1]
     if not path.exists():
@@ -1415,13 +1413,11 @@ def download(url, folder, what, flag):
 
 
 def fid_of(x, cfg, extractor=None):
-    """FID of generated images x against the training set, whose statistics come from
-    --fid-stats or are computed once and cached in --data-dir per dataset, size, image count
-    and feature network."""
+    """FID of images x against the training set, whose statistics come from --fid-stats or are
+    computed once and cached in --data-dir per dataset, size, image count and feature network."""
     if extractor is None:
-        weights = cfg.fid_weights or download(FID_WEIGHTS_URL, Path(cfg.data_dir) / "fid", "the FID Inception weights",
-                                              "--fid-weights")
-        extractor = fid_inception(weights)
+        extractor = fid_inception(cfg.fid_weights or download(FID_WEIGHTS_URL, Path(cfg.data_dir) / "fid",
+                                                              "the FID Inception weights", "--fid-weights"))
     extractor = extractor.to(cfg.device)
 
     @torch.no_grad()
@@ -1453,39 +1449,33 @@ def fid_of(x, cfg, extractor=None):
 
 
 def laplacian_swd(x, y, max_images=1000, patches=128, seed=0):
-    """PGGAN's multi-scale sliced Wasserstein distance between two image sets, with no
-    pretrained weights: at each level of a Laplacian pyramid (down to 16x16), 7x7 patches at
-    `patches` random places per image, each channel standardised over the set, compared by
-    SW2; the mean over levels, x 1e3 as PGGAN reports it. Images: uint8 or in [-1, 1]."""
+    """PGGAN's multi-scale SWD between image sets (uint8 or in [-1, 1]), with no pretrained weights: at each
+    level of a Laplacian pyramid down to 16x16, 7x7 patches at `patches` random places per image, each channel
+    standardised over the set, compared by SW2; the mean over levels, x 1e3 as PGGAN reports it."""
     n, g = min(len(x), len(y), max_images), torch.Generator().manual_seed(seed)
     kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
     kernel = (kernel[:, None] * kernel).expand(x.shape[1], 1, 5, 5)
 
     def blur(im):
         return F.conv2d(F.pad(im, (2, 2, 2, 2), mode="reflect"), kernel, groups=im.shape[1])
-
-    def pyramid(im):  # the Laplacian pyramid, finest level first
-        levels = []
-        while im.shape[-1] > 16:
-            down, up = blur(im)[..., ::2, ::2], torch.zeros_like(im)
-            up[..., ::2, ::2] = down
-            levels, im = levels + [im - 4 * blur(up)], down
-        return levels + [im]
-
+    levels, im = [], torch.cat([to_unit_range(x[:n]), to_unit_range(y[:n])]).cpu()  # x, then y
+    while im.shape[-1] > 16:  # the Laplacian pyramid, finest level first
+        down, up = blur(im)[..., ::2, ::2], torch.zeros_like(im)
+        up[..., ::2, ::2] = down
+        levels, im = levels + [im - 4 * blur(up)], down
     distances = []
-    for a, b in zip(pyramid(to_unit_range(x[:n]).cpu()), pyramid(to_unit_range(y[:n]).cpu())):
-        i, j = (torch.randint(a.shape[-1] - 6, (n, patches), generator=g) for _ in range(2))
-        sets = [im.unfold(2, 7, 1).unfold(3, 7, 1)[torch.arange(n)[:, None], :, i, j].flatten(0, 1).flatten(2)
-                for im in (a, b)]  # (n·patches, channels, 49)
+    for level in levels + [im]:
+        i, j = (torch.randint(level.shape[-1] - 6, (n, patches), generator=g) for _ in range(2))
+        sets = [s.unfold(2, 7, 1).unfold(3, 7, 1)[torch.arange(n)[:, None], :, i, j].flatten(0, 1).flatten(2)
+                for s in level.split(n)]  # (n·patches, channels, 49) of x, and of y
         sets = [(d - d.mean((0, 2), keepdim=True)) / (d.std((0, 2), keepdim=True) + 1e-8) for d in sets]
-        distances.append(sliced_wasserstein(sets[0], sets[1], num_projections=128, seed=seed))
+        distances.append(sliced_wasserstein(*sets, num_projections=128, seed=seed))
     return 1e3 * float(np.mean(distances))
 
 
 def count_macs(model, *inputs):
-    """Multiply-accumulates per sample of model(*inputs), from torch's FLOP counter (2 FLOPs
-    a MAC): `attention` for everything inside attention blocks (q/k/v/output projections and
-    the two matrix products), `conv` and `linear` for the layers outside them, and `total`."""
+    """Multiply-accumulates per sample of model(*inputs), from torch's FLOP counter (2 FLOPs a MAC): `attention`
+    inside attention blocks (q/k/v/output projections, both matrix products), `conv` and `linear` outside, `total`."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(*inputs)
@@ -1502,15 +1492,13 @@ def count_macs(model, *inputs):
 def samples_per_second(sample_fn, z, repeats=3):
     """Throughput of sample_fn on the batch z: the best of a few timed runs, after a warm-up."""
     sync = torch.cuda.synchronize if z.is_cuda else lambda: None
-    sample_fn(z)
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
+    seconds = []
+    for _ in range(repeats + 1):  # the first run is the warm-up
         tic = time.perf_counter()
         sample_fn(z)
         sync()
-        best = min(best, time.perf_counter() - tic)
-    return len(z) / best
+        seconds.append(time.perf_counter() - tic)
+    return len(z) / min(seconds[1:])
 
 
 def si(n):
@@ -1519,9 +1507,8 @@ def si(n):
 
 
 def evaluate(cfg, stage, net, sampler, method=None, extractor=None):
-    """One row of the paper's table for a stage's network and sampler: #params, NFE, SW2 to
-    the data (2-D) or FID and SWD (images), MACs and FLOPs per sample, straightness (flows),
-    samples/s. `extractor` replaces FID's Inception (tests)."""
+    """One row of the paper's table (see print_table) for a stage's network and sampler, with FLOPs and
+    MACs counting attention. `extractor` replaces FID's Inception (tests)."""
     x, nfe = generate_all(net, stage, cfg, sampler)
     row = {"method": method or f"{stage} ({sampler_name(stage, nfe, sampler)})", "params": num_params(net), "nfe": nfe}
     if cfg.toy:
@@ -1541,13 +1528,12 @@ def evaluate(cfg, stage, net, sampler, method=None, extractor=None):
 
 
 def print_table(cfg, rows):
-    """The paper's table: on images FID and SWD; on a toy SW2 against its floor (the SW2
-    between two independent draws of the data, which no model beats), which it returns."""
+    """The paper's table (#params, NFE, FID and SWD on images, MACs, straightness, samples/s); on a toy,
+    SW2 against its floor (between two draws of the data: no model beats it), which it returns."""
     floor = sliced_wasserstein(toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 4),
                                toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 3)) if cfg.toy else None
-    quality = ("SW2", "/floor") if cfg.toy else ("FID", "SWD")
-    print(f"{'method':36s}{'#params':>10s}{'NFE':>6s}{quality[0]:>9s}{quality[1]:>8s}{'MACs':>9s}{'straight.':>10s}"
-          f"{'samples/s':>11s}")
+    q1, q2 = ("SW2", "/floor") if cfg.toy else ("FID", "SWD")
+    print(f"{'method':36s}{'#params':>10s}{'NFE':>6s}{q1:>9s}{q2:>8s}{'MACs':>9s}{'straight.':>10s}{'samples/s':>11s}")
     if cfg.toy:
         print(f"{'SW2 floor (two data draws)':36s}{'-':>10s}{'-':>6s}{floor:9.4f}{1:8.2f}")
     for r in rows:
@@ -1559,8 +1545,7 @@ def print_table(cfg, rows):
 
 
 def stage_eval(cfg, extractor=None):
-    """The paper's table row for one stage (--from) and sampler, printed and merged into
-    <out>/metrics.json."""
+    """The table row of one stage (--from) and sampler, printed and merged into <out>/metrics.json."""
     stage = pick_stage(cfg)
     row = evaluate(cfg, stage, load_stage_network(cfg, stage)[0], cfg.sampler, extractor=extractor)
     floor = print_table(cfg, [row])
@@ -1575,9 +1560,8 @@ def stage_eval(cfg, extractor=None):
 
 
 def stage_all(cfg):
-    """The whole pipeline. Then on a toy, every model of it in one table against the data
-    (also in <out>/results.json) and a figure of their paths; on images, samples of each
-    stage. A stage given as a checkpoint (--teacher-ckpt, --init-ckpt) is not trained."""
+    """The whole pipeline (a stage given by --teacher-ckpt or --init-ckpt is not trained); then on a toy,
+    one table of all its models (also <out>/results.json) and their paths; on images, each stage's samples."""
     tic = time.time()
     given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
     for stage in ("teacher", "pairs", "reflow", "distill"):
@@ -1597,36 +1581,31 @@ def stage_all(cfg):
         (Path(cfg.out) / "results.json").write_text(json.dumps({"sw2_floor": floor, "rows": rows}, indent=1))
         plot_trajectories(cfg, teacher, flow2, generator)
     elif rank == 0:
-        for stage in FLOW_STAGES:
-            sampler = "rk45" if stage == "teacher" else "one_step"
+        for stage, sampler in zip(FLOW_STAGES, ("rk45", "one_step", "one_step")):
             stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))
     print(f"[all] done in {time.time() - tic:.0f}s; outputs in {cfg.out}")
 
 
 def plot_trajectories(cfg, teacher, flow2, generator, n=300):
-    """Noise-to-data paths: curved for the teacher, nearly straight after reflow, one
-    jump for the generator."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Noise-to-data paths: curved for the teacher, nearly straight after reflow, one jump for the generator."""
+    from matplotlib.figure import Figure  # not pyplot: no global state to set or close
     z = fixed_noise(cfg, n, "trajectories").to(cfg.device)
-    paths = [rk45_sample(teacher, z, rtol=cfg.rtol, atol=cfg.atol, trajectory=True)[2],
-             euler_sample(flow2, z, 20, trajectory=True)[2], torch.stack([z, generator(z)])]
-    titles = ["1-rectified flow teacher (RK45)", "2-rectified flow student (20 Euler steps)",
-              "SlimFlow one-step generator"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
+    panels = {  # title: paths of shape (steps, n, 2)
+        "1-rectified flow teacher (RK45)": rk45_sample(teacher, z, rtol=cfg.rtol, atol=cfg.atol, trajectory=True)[2],
+        "2-rectified flow student (20 Euler steps)": euler_sample(flow2, z, 20, trajectory=True)[2],
+        "SlimFlow one-step generator": torch.stack([z, generator(z)])}
+    fig = Figure(figsize=(12, 4))
     data = toy_data(cfg.dataset, 3000, cfg.seed + 6)
-    for ax, path, title in zip(axes, paths, titles):
+    for ax, (title, path) in zip(fig.subplots(1, 3, sharex=True, sharey=True), panels.items()):
         path = path.cpu()
         ax.scatter(*data.T, s=1, c="0.8")
         ax.plot(path[:, :, 0], path[:, :, 1], c="C0", lw=0.4, alpha=0.5)
         ax.scatter(*path[0].T, s=3, c="C1", label="noise Z0")
         ax.scatter(*path[-1].T, s=3, c="C2", label="sample")
         ax.set(title=title, xlim=(-5, 5), ylim=(-5, 5))
-    axes[0].legend(loc="upper right", markerscale=3)
+    fig.axes[0].legend(loc="upper right", markerscale=3)
     path = Path(cfg.out) / "trajectories.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     print(f"[all] trajectories -> {path}")
 
 
