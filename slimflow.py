@@ -1613,13 +1613,10 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
 # 16. Bench
 
 def stage_bench(cfg):
-    """Samples per second of the student (--model) and the teacher (--teacher-model): a
-    training step at --batch-size, one-step and RK45 sampling, each as a fraction of the
-    ceiling that the device's measured matmul rate sets from the network's MACs (a
-    training step ≈ 3 passes of 2·MACs FLOPs per sample). Every configuration in one run,
-    so the rows compare: fp32 and, on a GPU with bf16, bf16 (one of them with
-    --precision), each also compiled with --compile. Every configuration starts from the
-    same weights, so RK45 takes the same steps in each."""
+    """Samples per second of the student (--model) and the teacher (--teacher-model): a training step at
+    --batch-size, one-step and RK45 sampling, each also as a fraction of the ceiling that the device's measured
+    matmul rate sets from the network's MACs (a training step ≈ 3 passes of 2·MACs FLOPs per sample). All in one
+    run, so the rows compare: fp32 and, on a GPU with bf16, bf16 (or only --precision's), each also with --compile."""
     device, cuda = cfg.device, torch.device(cfg.device).type == "cuda"
     both = cuda and torch.cuda.is_bf16_supported() and "precision" not in cfg.given
     ceilings, n = {}, 8192 if cuda else 1024
@@ -1641,16 +1638,11 @@ def stage_bench(cfg):
                     p.add_(0.02 * torch.randn_like(p))
         if isinstance(start, UNet) and cuda:
             start = start.to(memory_format=torch.channels_last)
-        macs = count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
+        params, macs = num_params(start), count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
         for precision, compiled in itertools.product(ceilings, [False, True] if cfg.compile else [False]):
-            net = copy.deepcopy(start)
-            if compiled:
-                torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
+            torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
+            net = copy.deepcopy(start)  # every configuration from the same weights: RK45 takes the same steps
             model, opt = torch.compile(net) if compiled else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
-
-            def sample(sampler, z):
-                with bf16_autocast(device, precision):
-                    return sample_with(model.eval(), z, sampler, rtol=cfg.rtol, atol=cfg.atol)
 
             def train_step(x):  # changes the weights, so it is timed last
                 with bf16_autocast(device, precision):
@@ -1658,16 +1650,17 @@ def stage_bench(cfg):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            one_step = samples_per_second(lambda z: sample("one_step", z), z)
-            tic = time.perf_counter()
-            nfe = sample("rk45", z)[1]  # one solve: RK45 is too slow to repeat
-            rk45 = len(z) / (time.perf_counter() - tic)
+            with bf16_autocast(device, precision):
+                one_step = samples_per_second(lambda z: one_step_sample(model.eval(), z), z)
+                tic = time.perf_counter()
+                nfe = rk45_sample(model, z, rtol=cfg.rtol, atol=cfg.atol)[1]  # one solve: RK45 is too slow to repeat
+                rk45 = len(z) / (time.perf_counter() - tic)
             train = samples_per_second(train_step, z)
             of_ceiling = 2 * macs / ceilings[precision]  # seconds per sample at the ceiling
-            rows.append(dict(model=name, params=num_params(start), macs=macs, precision=precision, compiled=compiled,
-                             train=train, train_of_ceiling=3 * train * of_ceiling, one_step=one_step,
+            rows.append(dict(model=name, params=params, macs=macs, precision=precision, compiled=compiled, train=train,
+                             train_of_ceiling=3 * train * of_ceiling, one_step=one_step,
                              one_step_of_ceiling=one_step * of_ceiling, rk45_nfe=nfe, rk45=rk45))
-            print(f"{name:13s}{si(num_params(start)):>8s}{si(macs):>8s}{precision:>10s}{('no', 'yes')[compiled]:>9s}"
+            print(f"{name:13s}{si(params):>8s}{si(macs):>8s}{precision:>10s}{('no', 'yes')[compiled]:>9s}"
                   f"{train:10.1f}{3 * train * of_ceiling:9.1%}{one_step:11.1f}{one_step * of_ceiling:9.1%}{nfe:9d}"
                   f"{rk45:9.1f}", flush=True)
     one_step = max(r["one_step"] for r in rows if r["model"] == cfg.model)
@@ -1679,10 +1672,9 @@ def stage_bench(cfg):
 
 # -----------------------------------------------------------------------------
 # 17. Settings and the command line
-# One settings object per stage, built once and never changed: the defaults for every
-# run, then those of the data's kind (2-D toy, image, and the `shapes` demo) and of the
-# stage, then the flags the user gave, which always win. The image defaults are the
-# official CIFAR10 settings.
+# One settings object per stage, built once and never changed: the defaults of every run, then those of the
+# data's kind (2-D toy, image, and the `shapes` demo) and of the stage, then the flags given, which always win.
+# The image defaults are the official CIFAR10 settings.
 
 DEFAULTS = {
     "all": dict(dataset="8gaussians", stage="all", out=None, data_dir="data", image_size=32, max_images=None,
@@ -1701,6 +1693,7 @@ DEFAULTS = {
                   log_every=100, ckpt_every=5000, preview_every=5000, anneal_steps=300_000, distance="lpips",
                   steps=dict(teacher=800_000, reflow=500_000, distill=200_000, traflow=200_000)),
     "image distill": dict(flip=False, lr_warmup=0),  # fine-tuning v2, as the official code does
+    "image eval": dict(num_samples=50_000),  # the paper's FID protocol
     "shapes": dict(teacher_model="unet-tiny", model="unet-micro", batch_size=64, lr=1e-3, lr_warmup=100,
                    ema_decay=0.999, num_pairs=2000, pairs_batch=500, log_every=50, ckpt_every=500,
                    preview_every=500, anneal_steps=500, distance="l2",
@@ -1709,25 +1702,21 @@ DEFAULTS = {
 
 
 class Settings(types.SimpleNamespace):
-    """Every setting of one stage's run, as attributes; `given` holds the flags the user gave.
-    Built by settings_for() and read-only."""
+    """Every setting of one stage's run, read-only; `given` holds the flags the user gave."""
 
     def __setattr__(self, name, value):
         raise AttributeError(f"settings are never changed ({name}); build others with settings_for()")
 
 
 def settings_for(given, stage=None):
-    """The settings of `stage` (default: the one given): DEFAULTS for every run, for the
-    data's kind and for the stage, then `given` (flag name -> value, as the user gave them);
-    and what follows from them: the device, the precision, `toy` and the data's `shape`."""
+    """The settings of `stage` (default: the one given): DEFAULTS for every run, the data's kind and the stage,
+    then `given` (flag name -> value); and what follows: the device, the precision, `toy` and the data's `shape`."""
     stage = stage or given.get("stage", DEFAULTS["all"]["stage"])
     dataset = given.get("dataset", DEFAULTS["all"]["dataset"])
     toy = dataset in TOY_DATASETS
     kind = "toy" if toy else "image"
     merged = {**DEFAULTS["all"], **DEFAULTS[kind], **DEFAULTS.get(dataset, {}), **DEFAULTS.get(f"{kind} {stage}", {})}
     merged["steps"] = merged["steps"].get(stage, 1)
-    if stage == "eval" and not toy:
-        merged["num_samples"] = 50_000  # the paper's FID protocol
     merged.update(given, stage=stage, toy=toy)
     merged["out"] = merged["out"] or str(Path("runs") / dataset)
     merged["device"] = resolve_device(merged["device"])
@@ -1758,62 +1747,61 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    """The command line's settings. Defaults live in DEFAULTS, so argparse records only
-    the flags given (argument_default=SUPPRESS)."""
+    """The command line's settings. The defaults live in DEFAULTS: argparse records only the flags given."""
+    count, positive, switch = number(int), number(float), dict(action="store_true")
+    count_or_0, at_least_0 = number(int, strict=False), number(float, strict=False)
+    flags = [  # (flag, its type, or its choices, or other arguments of add_argument; help)
+        ("--dataset", TOY_DATASETS + IMAGE_DATASETS, "default 8gaussians"), ("--stage", tuple(STAGES), "default all"),
+        ("--out", str, "run directory (default runs/<dataset>)"),
+        ("--data-dir", str, "where image datasets are downloaded or read (default data)"),
+        ("--image-size", count, "default 32"), ("--max-images", count, "use at most this many training images"),
+        ("--flip", dict(action=argparse.BooleanOptionalAction), "random horizontal flips (default on for images)"),
+        ("--teacher-model", str, f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}"),
+        ("--model", str, "student preset (reflow and distill)"),
+        ("--teacher-ckpt", str, "teacher checkpoint (a path or URL) instead of <out>/teacher.pt, ours or official"),
+        ("--init-ckpt", str,
+         "2-rectified flow to distill (a path or URL) instead of <out>/reflow.pt, ours or official"),
+        ("--steps", count, "training steps of the stage (all: of every stage)"), ("--batch-size", count, None),
+        ("--lr", positive, None), ("--lr-warmup", count_or_0, "learning-rate warm-up steps"),
+        ("--weight-decay", at_least_0, None), ("--grad-clip", at_least_0, "max gradient norm (0: off)"),
+        ("--ema-decay", at_least_0, None), ("--seed", int, None),
+        ("--device", str, "auto (default), cpu, cuda, cuda:N or mps"),
+        ("--precision", ("fp32", "bf16"), "bf16 autocast (default on GPUs with bf16)"),
+        ("--compile", switch, "torch.compile the network for training"),
+        ("--resume", switch, "continue the stage's checkpoint exactly"),
+        ("--overwrite", switch, "start the stage over, replacing its output"),
+        ("--log-every", count, None), ("--ckpt-every", count, None),
+        ("--preview-every", count_or_0, "sample previews every N steps (0: off)"),
+        ("--num-pairs", count, "reflow pairs to generate"),
+        ("--pairs-batch", count, "batch size of RK45 pair generation (one shard) and of sampling"),
+        ("--rtol", positive, "RK45 relative tolerance (default 1e-5)"),
+        ("--atol", positive, "RK45 absolute tolerance (default 1e-5)"),
+        ("--anneal-steps", count_or_0, "Annealing Reflow's K (0: plain reflow)"),
+        ("--beta-schedule", ("linear", "cosine", "exponential"), "default linear"),
+        ("--distance", ("l2", "huber", "lpips"), "default l2"),
+        ("--reg-weight", at_least_0, "lambda of the 2-rectified-flow regularization (0: naive distillation)"),
+        ("--target-form", ("official", "paper"),
+         "the regularization target's first step along the student's u (official, default) or v2 (paper)"),
+        ("--traflow-from", ("teacher", "reflow"), "the flow TraFlow distills and starts from"),
+        ("--lambda-vel", at_least_0, "TraFlow velocity loss weight (default 1)"),
+        ("--lambda-cons", at_least_0, "TraFlow consistency loss weight (default 1)"),
+        ("--traflow-phases", count_or_0,
+         "K > 0: consistency alone for K steps, then output + velocity (default 0: all at once)"),
+        ("--traflow-midpoint", ("student", "teacher"), "default student"),
+        ("--traflow-target", ("stopgrad", "ema"), "default stopgrad"), ("--sampler", SAMPLERS, "default rk45"),
+        ("--nfe", count, "euler: N steps; heun: (N+1)//2 steps, NFE 2·steps - 1; traflow: N jumps"),
+        ("--from", dict(dest="sample_from", choices=SAMPLE_SOURCES),
+         "stage to sample or evaluate (default: the latest)"),
+        ("--num-samples", count, "samples to draw (eval on images: 50,000)"),
+        ("--fid-weights", str, "FID Inception weights (default: downloaded once into <data-dir>/fid)"),
+        ("--fid-stats", str, "the training set's FID statistics, an .npz of mu and sigma (default: computed)"),
+        ("--lpips-weights", str, "LPIPS weights, laid out as lpips.LPIPS(net='vgg')'s (default: downloaded)"),
+    ]
     p = Parser(description="SlimFlow: small one-step generators with rectified flow.",
                argument_default=argparse.SUPPRESS)
-    add, count, positive, at_least_0 = p.add_argument, number(int), number(float), number(float, strict=False)
-    add("--dataset", choices=TOY_DATASETS + IMAGE_DATASETS, help="default 8gaussians")
-    add("--stage", choices=tuple(STAGES), help="default all")
-    add("--out", help="run directory (default runs/<dataset>)")
-    add("--data-dir", help="where image datasets are downloaded or read (default data)")
-    add("--image-size", type=count, help="default 32")
-    add("--max-images", type=count, help="use at most this many training images")
-    add("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default on for images)")
-    add("--teacher-model", help=f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}")
-    add("--model", help="student preset (reflow and distill)")
-    add("--teacher-ckpt", help="teacher checkpoint (a path or URL) instead of <out>/teacher.pt, ours or official")
-    add("--init-ckpt", help="2-rectified flow to distill (a path or URL) instead of <out>/reflow.pt, ours or official")
-    add("--steps", type=count, help="training steps of the stage (all: of every stage)")
-    add("--batch-size", type=count)
-    add("--lr", type=positive)
-    add("--lr-warmup", type=number(int, strict=False), help="learning-rate warm-up steps")
-    add("--weight-decay", type=at_least_0)
-    add("--grad-clip", type=at_least_0, help="max gradient norm (0: off)")
-    add("--ema-decay", type=at_least_0)
-    add("--seed", type=int)
-    add("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    add("--precision", choices=("fp32", "bf16"), help="bf16 autocast (default on GPUs with bf16)")
-    add("--compile", action="store_true", help="torch.compile the network for training")
-    add("--resume", action="store_true", help="continue the stage's checkpoint exactly")
-    add("--overwrite", action="store_true", help="start the stage over, replacing its output")
-    add("--log-every", type=count)
-    add("--ckpt-every", type=count)
-    add("--preview-every", type=number(int, strict=False), help="sample previews every N steps (0: off)")
-    add("--num-pairs", type=count, help="reflow pairs to generate")
-    add("--pairs-batch", type=count, help="batch size of RK45 pair generation (one shard) and of sampling")
-    add("--rtol", type=positive, help="RK45 relative tolerance (default 1e-5)")
-    add("--atol", type=positive, help="RK45 absolute tolerance (default 1e-5)")
-    add("--anneal-steps", type=number(int, strict=False), help="Annealing Reflow's K (0: plain reflow)")
-    add("--beta-schedule", choices=("linear", "cosine", "exponential"), help="default linear")
-    add("--distance", choices=("l2", "huber", "lpips"), help="default l2")
-    add("--reg-weight", type=at_least_0, help="lambda of the 2-rectified-flow regularization (0: naive distillation)")
-    add("--target-form", choices=("official", "paper"),
-        help="the regularization target's first step along the student's u (official, default) or v2 (paper)")
-    add("--traflow-from", choices=("teacher", "reflow"), help="the flow TraFlow distills and starts from")
-    add("--lambda-vel", type=at_least_0, help="TraFlow velocity loss weight (default 1)")
-    add("--lambda-cons", type=at_least_0, help="TraFlow consistency loss weight (default 1)")
-    add("--traflow-phases", type=number(int, strict=False),
-        help="K > 0: consistency alone for K steps, then output + velocity (default 0: all at once)")
-    add("--traflow-midpoint", choices=("student", "teacher"), help="default student")
-    add("--traflow-target", choices=("stopgrad", "ema"), help="default stopgrad")
-    add("--sampler", choices=SAMPLERS, help="default rk45")
-    add("--nfe", type=count, help="euler: N steps; heun: (N+1)//2 steps, NFE 2·steps - 1; traflow: N jumps")
-    add("--from", dest="sample_from", choices=SAMPLE_SOURCES, help="stage to sample or evaluate (default: the latest)")
-    add("--num-samples", type=count, help="samples to draw (eval on images: 50,000)")
-    add("--fid-weights", help="FID Inception weights (default: downloaded once into <data-dir>/fid)")
-    add("--fid-stats", help="the training set's FID statistics, an .npz of mu and sigma (default: computed)")
-    add("--lpips-weights", help="LPIPS weights, laid out as lpips.LPIPS(net='vgg')'s (default: downloaded)")
+    for flag, kind, help in flags:
+        how = kind if isinstance(kind, dict) else dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind)
+        p.add_argument(flag, **how, help=help)
     return settings_for(vars(p.parse_args(argv)))
 
 
@@ -1834,9 +1822,7 @@ def resolve_device(name):
 
 def resolve_precision(precision, device):
     """bf16 autocast by default on GPUs that support it, float32 elsewhere."""
-    if precision is None:
-        return "bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
+    return precision or ("bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
 
 
 STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow, "distill": stage_distill,
@@ -1845,8 +1831,7 @@ STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow
 
 
 def run_stage(cfg):
-    """One stage, once the checks that need no work have passed: a finished stage is continued
-    with --resume or redone with --overwrite, never silently replaced."""
+    """One stage, after the checks that need no work: a finished stage is never silently replaced."""
     path = out_path(cfg, cfg.stage)
     if cfg.stage in STAGE_FILES and path.exists() and not (cfg.resume or cfg.overwrite):
         raise UsageError(f"{path} exists; pass --resume to continue it or --overwrite to start over")
