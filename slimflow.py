@@ -866,8 +866,9 @@ PRESETS = {  # the official CIFAR10 U-Nets, and two tiny ones for CPU demos and 
     "unet-tiny": dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
     "unet-micro": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
 }
-MLP_PRESETS = {f"mlp-{hidden}x{depth}": dict(hidden=hidden, depth=depth)  # toy networks
-               for hidden, depth in ((256, 3), (128, 3), (96, 3), (64, 2), (32, 2))}
+MLP_PRESETS = {"mlp-256x3": dict(hidden=256, depth=3), "mlp-128x3": dict(hidden=128, depth=3),  # toy networks
+               "mlp-96x3": dict(hidden=96, depth=3), "mlp-64x2": dict(hidden=64, depth=2),
+               "mlp-32x2": dict(hidden=32, depth=2)}
 
 
 def build_model(name, data_shape, two_times=False):
