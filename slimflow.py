@@ -9,11 +9,10 @@ once: one sampling step, and fewer parameters. The pipeline, in the order it run
     distill   Flow-Guided Distillation: the one-step generator G(z) = z + u(z, eps)
     traflow   (an alternative to distill) TraFlow: one network jumping in 1, 2 or N steps
 
-Part I is the method, in that order; Part II is the machinery (image files, checkpoints,
-several GPUs, evaluation, the command line). `python slimflow.py` runs the whole pipeline
-on a 2-D toy on a CPU in under a minute; `python slimflow.py --dataset cifar10 --stage
-distill` runs one stage of the paper's recipe, and `torchrun --nproc_per_node N
-slimflow.py ...` runs a stage on N GPUs.
+Part I is the method, in that order; Part II the machinery (image files, checkpoints, several GPUs, evaluation,
+the command line). `python slimflow.py` runs the whole pipeline on a 2-D toy on a CPU in under a minute;
+`python slimflow.py --dataset cifar10 --stage distill` runs one stage of the paper's recipe, and
+`torchrun --nproc_per_node N slimflow.py ...` runs a stage on N GPUs.
 """
 
 import argparse
@@ -54,14 +53,12 @@ class TrainingError(Exception):
 
 # =============================================================================
 # PART I: THE METHOD
-# Everything needed to learn SlimFlow, in the order the pipeline runs. The few names it
-# borrows from the machinery below (reading data, checkpoints, processes) say what they do.
+# Everything needed to learn SlimFlow, in pipeline order; the few names borrowed from Part II say what they do.
 # =============================================================================
 
 # -----------------------------------------------------------------------------
 # 1. Noise and data
-# Noise X0 ~ N(0, I) sits at t = 0 and data X1 at t = 1. Images are scaled to [-1, 1] and
-# read by the machinery; the 2-D toys below train on a CPU in seconds.
+# Noise X0 ~ N(0, I) sits at t = 0 and data X1 at t = 1: images in [-1, 1], read by Part II, or a 2-D toy.
 
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals")
 
@@ -71,8 +68,7 @@ def toy_data(name, n, seed=0):
     rng = np.random.default_rng(seed)
     if name == "8gaussians":  # 8 modes on a circle of radius 2.83, std 0.35
         angles = rng.integers(0, 8, n) * (np.pi / 4)
-        x = 4 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.5 * rng.standard_normal((n, 2))
-        x = x / 1.414
+        x = (4 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.5 * rng.standard_normal((n, 2))) / 1.414
     elif name == "moons":  # two interleaved half circles, centred and scaled to about [-3, 3]
         theta, upper = rng.uniform(0, np.pi, n), rng.integers(0, 2, n).astype(bool)
         x = np.where(upper[:, None], np.stack([np.cos(theta), np.sin(theta)], 1),
@@ -80,13 +76,11 @@ def toy_data(name, n, seed=0):
         x = 2 * (x - [0.5, 0.25]) + 0.1 * rng.standard_normal((n, 2))
     elif name == "checkerboard":  # uniform on 8 squares of a 4x4 board over [-4, 4]^2
         x1 = rng.uniform(-2, 2, n)
-        x2 = rng.uniform(0, 1, n) - 2 * rng.integers(0, 2, n) + np.floor(x1) % 2
-        x = 2 * np.stack([x1, x2], 1)
+        x = 2 * np.stack([x1, rng.uniform(0, 1, n) - 2 * rng.integers(0, 2, n) + np.floor(x1) % 2], 1)
     elif name == "spirals":  # two interleaved spirals
         r = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi
         sign = np.where(rng.integers(0, 2, n) == 1, 1.0, -1.0)[:, None]
-        x = sign * np.stack([-np.cos(r) * r, np.sin(r) * r], 1) / 3
-        x = x + 0.1 * rng.standard_normal((n, 2))
+        x = sign * np.stack([-np.cos(r) * r, np.sin(r) * r], 1) / 3 + 0.1 * rng.standard_normal((n, 2))
     else:
         raise UsageError(f"unknown toy dataset {name!r}; choose from {', '.join(TOY_DATASETS)}")
     return torch.from_numpy(x).float()
@@ -94,14 +88,11 @@ def toy_data(name, n, seed=0):
 
 # -----------------------------------------------------------------------------
 # 2. Networks
-# A velocity field v(x, t) with t of shape (batch,). The U-Net embeds 999·t with the
-# sinusoidal embedding of DDPM, built for integer-like diffusion steps; the toy MLP embeds
-# 10·t. The U-Net is the DDPM++ network of the official code block for block, so the
-# official sizes and checkpoints carry over (named sizes: PRESETS, section 10).
+# A velocity field v(x, t), t of shape (batch,). The U-Net is the official code's DDPM++ block for block (so its
+# sizes and checkpoints carry over: PRESETS, section 10); it embeds 999·t, DDPM's embedding being for integer steps.
 
 def time_embedding(t, dim, scale=999.0, max_period=10_000):
-    """Sinusoidal embedding of scale·t: first half sines, second half cosines (at least
-    float32, whatever t's precision)."""
+    """Sinusoidal embedding of scale·t: first half sines, second half cosines, in at least float32."""
     t = t.to(torch.promote_types(t.dtype, torch.float32))
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=t.dtype) / (half - 1))
@@ -110,17 +101,14 @@ def time_embedding(t, dim, scale=999.0, max_period=10_000):
 
 
 class MLP(nn.Module):
-    """Velocity field for 2-D toys: an MLP on (x, embedding of t). Toy MLPs embed 10·t:
-    smooth enough in t for RK45 to take ~50 steps, where 999·t takes ~400.
+    """Velocity field for 2-D toys: an MLP on (x, embedding of 10·t); RK45 takes ~50 steps on it, ~400 with 999·t.
     two_times adds an embedding of a second time s (TraFlow) to the first layer."""
 
     def __init__(self, dim=2, hidden=256, depth=3, temb_dim=64, time_scale=10.0, two_times=False):
         super().__init__()
         self.temb_dim, self.time_scale = temb_dim, time_scale
         widths = [dim + temb_dim] + [hidden] * depth
-        layers = []
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(w_in, w_out), nn.SiLU()]
+        layers = [m for w_in, w_out in zip(widths, widths[1:]) for m in (nn.Linear(w_in, w_out), nn.SiLU())]
         self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
         self.s_proj = nn.Linear(temb_dim, hidden, bias=False) if two_times else None
 
@@ -136,9 +124,8 @@ def group_norm(ch):
 
 
 def conv(ch_in, ch_out, kernel=3, zero=False, scale=1.0):
-    """Convolution with the official initialisation: fan-average uniform (Xavier) of
-    variance × scale, zero bias; output convolutions start at zero so that every residual
-    block starts as the identity."""
+    """Convolution initialised as the official code: Xavier uniform of variance × scale, zero bias;
+    zero=True for output convolutions, so that every residual block starts as the identity."""
     layer = nn.Conv2d(ch_in, ch_out, kernel, padding=kernel // 2)
     nn.init.zeros_(layer.weight) if zero else nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(scale))
     nn.init.zeros_(layer.bias)
@@ -190,12 +177,9 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM++ U-Net of the official (Rectified Flow / SlimFlow) code.
-
-    Level i has nf·ch_mult[i] channels; attention runs at the resolutions in
-    attn_resolutions. All blocks sit in one list, in the order of the official
-    `all_modules` list (time MLP, input conv, blocks, output norm and conv); the down
-    path saves outputs as skip connections, the up path concatenates them to its input."""
+    """DDPM++ U-Net of the official (Rectified Flow / SlimFlow) code: level i has nf·ch_mult[i] channels,
+    attention at attn_resolutions. Modules in the order of the official `all_modules` (time MLP, input conv,
+    blocks, output norm and conv); the down path saves skip connections, the up path concatenates them."""
 
     def __init__(self, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
                  dropout=0.15, image_size=32, in_ch=3, two_times=False):
@@ -204,42 +188,36 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(nf, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         for layer in self.time_mlp[::2]:
             nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
-        # TraFlow's second time s: embedded like t, added to t's embedding
-        self.s_mlp = copy.deepcopy(self.time_mlp) if two_times else None
+        self.s_mlp = copy.deepcopy(self.time_mlp) if two_times else None  # TraFlow's time s, embedded like t
         self.input_conv = conv(in_ch, nf)
-        # skips[i] says what block i does with the skip connections: "push" saves its output,
-        # "pop" concatenates the last saved one to its input, None neither
-        blocks, skips = [], []
+        # skips[i]: block i saves its output ("push"), concatenates the last saved one to its input ("pop") or neither
+        blocks, skips = [], {}
         skip_chs, ch, res = [nf], nf, image_size  # the input conv's output is the first skip
         for level, mult in enumerate(ch_mult):  # down path
             for _ in range(num_res_blocks):
-                group = [ResBlock(ch, nf * mult, temb_ch, dropout)]
+                blocks.append(ResBlock(ch, nf * mult, temb_ch, dropout))
                 ch = nf * mult
                 if res in attn_resolutions:
-                    group.append(Attention(ch))
-                blocks += group
-                skips += [None] * (len(group) - 1) + ["push"]  # the group's last output is saved
+                    blocks.append(Attention(ch))
+                skips[len(blocks) - 1] = "push"  # the output of the resblock, or of its attention
                 skip_chs.append(ch)
             if level != len(ch_mult) - 1:
                 blocks.append(ResBlock(ch, ch, temb_ch, dropout, resample="down"))
-                skips.append("push")
+                skips[len(blocks) - 1] = "push"
                 skip_chs.append(ch)
                 res //= 2
         blocks += [ResBlock(ch, ch, temb_ch, dropout), Attention(ch), ResBlock(ch, ch, temb_ch, dropout)]  # middle
-        skips += [None, None, None]
         for level, mult in reversed(list(enumerate(ch_mult))):  # up path
             for _ in range(num_res_blocks + 1):
+                skips[len(blocks)] = "pop"
                 blocks.append(ResBlock(ch + skip_chs.pop(), nf * mult, temb_ch, dropout))
-                skips.append("pop")
                 ch = nf * mult
             if res in attn_resolutions:
                 blocks.append(Attention(ch))
-                skips.append(None)
             if level != 0:
                 blocks.append(ResBlock(ch, ch, temb_ch, dropout, resample="up"))
-                skips.append(None)
                 res *= 2
-        self.blocks, self.skips = nn.ModuleList(blocks), tuple(skips)
+        self.blocks, self.skips = nn.ModuleList(blocks), tuple(skips.get(i) for i in range(len(blocks)))
         self.out_norm, self.out_conv = group_norm(ch), conv(ch, in_ch, zero=True)
 
     def forward(self, x, t, s=None):
@@ -258,8 +236,7 @@ class UNet(nn.Module):
 
 
 class OneStepGenerator(nn.Module):
-    """The SlimFlow generator G(z) = z + u(z, eps): u has the 2-rectified flow's
-    architecture and starts from its weights."""
+    """The SlimFlow generator G(z) = z + u(z, eps), u of the 2-rectified flow's architecture, from its weights."""
 
     def __init__(self, net):
         super().__init__()
@@ -271,9 +248,8 @@ class OneStepGenerator(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 3. Rectified flow and its samplers
-# X_t = t·X1 + (1 - t)·X0, target velocity X1 - X0, t ~ U[eps, 1]. Samplers solve
-# dZ/dt = v(Z, t) from t = eps to 1 and return (samples, NFE), plus the trajectory
-# (steps + 1, *z.shape) when asked.
+# X_t = t·X1 + (1 - t)·X0, target velocity X1 - X0, t ~ U[eps, 1]. Samplers solve dZ/dt = v(Z, t) from
+# t = eps to 1 and return (samples, NFE), plus the trajectory (steps + 1, *z.shape) when asked.
 
 def broadcast_time(t, x):
     return t.view(-1, *[1] * (x.dim() - 1))
@@ -293,10 +269,6 @@ def _at(t, z):
     return torch.full((len(z),), float(t), device=z.device, dtype=z.dtype)
 
 
-def _result(x, nfe, path, trajectory):
-    return (x, nfe, torch.stack(path)) if trajectory else (x, nfe)
-
-
 @torch.no_grad()
 def euler_sample(velocity, z, n=1, eps=EPS, trajectory=False):
     """N uniform Euler steps; NFE = N."""
@@ -304,7 +276,7 @@ def euler_sample(velocity, z, n=1, eps=EPS, trajectory=False):
     for i in range(n):
         x = x + h * velocity(x, _at(eps + i * h, x))
         path.append(x)
-    return _result(x, n, path, trajectory)
+    return (x, n, torch.stack(path)) if trajectory else (x, n)
 
 
 @torch.no_grad()
@@ -324,14 +296,13 @@ def heun_sample(velocity, z, n=1, eps=EPS, trajectory=False):
             d = (d + velocity(x + h * d, _at(t + h, x))) / 2
         x = x + h * d
         path.append(x)
-    return _result(x, 2 * n - 1, path, trajectory)
+    return (x, 2 * n - 1, torch.stack(path)) if trajectory else (x, 2 * n - 1)
 
 
 @torch.no_grad()
 def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
-    """Adaptive Dormand-Prince RK45 from scipy on the flattened batch (the official
-    sampler for teachers and 2-rectified flows); NFE = the solver's function calls.
-    The state lives in float64 on the host, as scipy needs."""
+    """Adaptive Dormand-Prince RK45 of scipy on the flattened batch, in float64 on the host (the official
+    sampler of teachers and 2-rectified flows); NFE = the solver's function calls."""
     def f(t, y):
         x = torch.from_numpy(y).reshape(z.shape).to(z.device, z.dtype)
         v = velocity(x, _at(t, x)).double().cpu().numpy().reshape(-1)
@@ -339,12 +310,11 @@ def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
             raise TrainingError(f"RK45: the velocity is not finite at t = {t:.4f}; is the network diverged?")
         return v
 
-    sol = solve_ivp(f, (eps, 1), z.double().cpu().numpy().reshape(-1), method="RK45",
-                    rtol=rtol, atol=atol)
+    sol = solve_ivp(f, (eps, 1), z.double().cpu().numpy().reshape(-1), method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
         raise TrainingError(f"RK45 failed: {sol.message}")
     path = torch.from_numpy(sol.y.T).reshape(-1, *z.shape).to(z.device, z.dtype)
-    return _result(path[-1], sol.nfev, list(path), trajectory)
+    return (path[-1], sol.nfev, path) if trajectory else (path[-1], sol.nfev)
 
 
 SAMPLERS = ("one_step", "euler", "heun", "rk45")
@@ -359,9 +329,8 @@ def sample_with(velocity, z, sampler, nfe=1, rtol=1e-5, atol=1e-5):
 
 # -----------------------------------------------------------------------------
 # 4. The objectives
-# One small class per objective, as in EDM's loss.py: called with the network being
-# trained, a batch and the step, each returns (loss, logs). Logs stay tensors on the
-# device until they are printed, so that no training step waits for the host.
+# One small class per objective, as in EDM's loss.py: objective(net, batch, step) -> (loss, logs); logs stay
+# tensors on the device until printed, so that no training step waits for the host.
 #   RectifiedFlowLoss            the teacher: noise and data paired at random
 #   AnnealingReflowLoss          SlimFlow stage 1: reflow, annealed from random pairs by β(k)
 #   FlowGuidedDistillationLoss   SlimFlow stage 2: the pairs plus the 2-rectified-flow regularizer
@@ -378,18 +347,14 @@ class RectifiedFlowLoss:
 
 
 def annealing_beta(k, K, schedule="linear"):
-    """β(k): 1 at step k = 0 (independent noise), falling to 0 (pure reflow) over K steps.
-    K = 0 is plain reflow from the first step."""
+    """β(k): 1 at step k = 0 (independent noise), falling to 0 (pure reflow) over K steps; K = 0: plain reflow."""
     if K <= 0:
         return 0.0
     r = min(1.0, k / K)
-    if schedule == "linear":
-        return 1.0 - r
-    if schedule == "cosine":
-        return (1.0 + math.cos(math.pi * r)) / 2
-    if schedule == "exponential":
-        return math.exp(-k / K)
-    raise UsageError(f"unknown beta schedule {schedule!r}; choose linear, cosine or exponential")
+    betas = {"linear": 1.0 - r, "cosine": (1.0 + math.cos(math.pi * r)) / 2, "exponential": math.exp(-k / K)}
+    if schedule not in betas:
+        raise UsageError(f"unknown beta schedule {schedule!r}; choose linear, cosine or exponential")
+    return betas[schedule]
 
 
 def mix_noise(z0, beta):
@@ -398,8 +363,7 @@ def mix_noise(z0, beta):
 
 
 class AnnealingReflowLoss:
-    """Reflow on (Z0, Z1) whose noise side is blended with fresh noise by β(k): the small
-    student first learns the data from scratch, then gradually the teacher's coupling."""
+    """Reflow on (Z0, Z1), Z0 mixed with fresh noise by β(k): the student learns data first, then the coupling."""
 
     def __init__(self, K, schedule="linear"):
         self.K, self.schedule = K, schedule
@@ -415,8 +379,7 @@ def l2_distance(a, b):
 
 
 def pseudo_huber_distance(a, b):
-    """sqrt(‖a - b‖² + c²) - c with c = 0.00054·sqrt(d), the constant of improved
-    consistency training: L2 near zero, L1-like for outliers."""
+    """sqrt(‖a - b‖² + c²) - c, c = 0.00054·sqrt(d) as in improved consistency training: L2 near 0, L1 far."""
     c = 0.00054 * math.sqrt(a[0].numel())
     return ((a - b).square().flatten(1).sum(1) + c**2).sqrt() - c
 
@@ -425,12 +388,10 @@ DISTANCES = {"l2": l2_distance, "huber": pseudo_huber_distance}
 
 
 class FlowGuidedDistillationLoss:
-    """L = D(G(Z0), Z1) + λ·D(G(z), target(z)), with G(z) = z + u(z, eps).
+    """L = D(G(Z0), Z1) + λ·D(G(z), target(z)), with G(z) = z + u(z, eps); λ = 0 is naive distillation.
 
-    target(z) solves the frozen 2-rectified flow v2 from fresh noise z in two Euler steps
-    split at t' ~ U(0.2, 0.8), under stop-gradient: it teaches G about noise that no stored
-    pair covers. λ = 0 is naive distillation. The first step moves along v2(z, eps) (form
-    "paper") or along the student's own u(z, eps) (form "official", the released code)."""
+    target(z) solves the frozen 2-rectified flow v2 from fresh noise z in two Euler steps split at t' ~ U(0.2, 0.8),
+    under stop-gradient, for noise no stored pair covers: first along v2(z, eps) ("paper") or u(z, eps) ("official")."""
 
     def __init__(self, v2, distance=l2_distance, reg_weight=1.0, target_form="official"):
         self.v2 = v2.eval().requires_grad_(False)
@@ -449,9 +410,8 @@ class FlowGuidedDistillationLoss:
         if self.reg_weight == 0:
             return pair_loss, {"pair": pair_loss.detach()}
         z = torch.randn_like(z0)
-        x = G(z)
-        u = (x - z).detach()  # u(z, eps), from the call just made
-        reg_loss = self.distance(x, self.target(z, u)).mean()
+        x = G(z)  # so x - z is u(z, eps), which the "official" target reuses
+        reg_loss = self.distance(x, self.target(z, u=(x - z).detach())).mean()
         return pair_loss + self.reg_weight * reg_loss, {"pair": pair_loss.detach(), "reg": reg_loss.detach()}
 
 
@@ -472,22 +432,18 @@ def traflow_map(model, x, t, s):
 @torch.no_grad()
 def traflow_sample(model, z, steps=1, eps=EPS):
     """`steps` jumps of g along a uniform grid from eps to 1; NFE = steps."""
-    grid = [eps + (1 - eps) * i / steps for i in range(steps + 1)]
-    x = z
-    for t, s in zip(grid[:-1], grid[1:]):
+    grid, x = [eps + (1 - eps) * i / steps for i in range(steps + 1)], z
+    for t, s in zip(grid, grid[1:]):
         x = traflow_map(model, x, _at(t, x), _at(s, x))
     return x, steps
 
 
 class TraFlowLoss:
-    """L = L_out + λ_v·L_vel + λ_c·L_cons on teacher pairs. With phase_steps = K > 0, the
-    first K steps train consistency alone and the rest output + velocity (the paper's two
-    phases). The consistency target's midpoint x_u comes from the student or from one
-    teacher Euler step; the target itself from the student under stop-gradient, or from
-    its EMA copy (target="ema": train() hands the loss its EMA network)."""
+    """L = L_out + λ_v·L_vel + λ_c·L_cons on teacher pairs. phase_steps = K > 0: the first K steps train consistency
+    alone, the rest output + velocity (the paper's two phases). The consistency midpoint x_u comes from the student or
+    one teacher Euler step; the target from the student under stop-gradient or its EMA copy (target="ema", by train)."""
 
-    def __init__(self, teacher, lambda_vel=1.0, lambda_cons=1.0, phase_steps=0, midpoint="student",
-                 target="stopgrad"):
+    def __init__(self, teacher, lambda_vel=1.0, lambda_cons=1.0, phase_steps=0, midpoint="student", target="stopgrad"):
         self.teacher = teacher.eval().requires_grad_(False)
         self.lambda_vel, self.lambda_cons, self.phase_steps = lambda_vel, lambda_cons, phase_steps
         self.midpoint, self.wants_ema, self.ema = midpoint, target == "ema", None
@@ -518,11 +474,8 @@ class TraFlowLoss:
 
 # -----------------------------------------------------------------------------
 # 6. Measuring
-# Sliced Wasserstein-2 compares sample sets of any dimension through 1-D projections,
-# where optimal transport is sorting; the projections are fixed by a seed, so numbers from
-# different runs compare. Straightness measures how far a flow's paths bend. FID compares
-# Gaussians fitted to Inception features of generated and real images (the pipeline that
-# feeds it, with downloads and caches, is in section 15).
+# Sliced Wasserstein-2 compares sample sets through seeded 1-D projections (there optimal transport is sorting);
+# straightness, how far a flow's paths bend; FID, Gaussians fitted to Inception features (fed by section 15).
 
 def sliced_wasserstein(a, b, num_projections=256, seed=0):
     """SW2(a, b) = sqrt(E_θ W2²(θᵀa, θᵀb)) over random unit directions θ; a, b: (n, ...)."""
@@ -537,20 +490,17 @@ def sliced_wasserstein(a, b, num_projections=256, seed=0):
 
 @torch.no_grad()
 def straightness(velocity, z, steps=100, eps=EPS):
-    """S(v) = E ∫ ‖(Z1 - Z0) - v(Z_t, t)‖² dt along v's own paths, on an Euler path of `steps`
-    steps from z: 0 when every path is straight (one Euler step is exact). Paths run over
-    [eps, 1], so the straight velocity is (Z1 - Z0)/(1 - eps) and the integral a time average."""
+    """S(v) = E ∫ ‖(Z1 - Z0) - v(Z_t, t)‖² dt along v's own Euler paths of `steps` steps from z: 0 when every
+    path is straight (one Euler step is exact). Over [eps, 1] the straight velocity is (Z1 - Z0)/(1 - eps)."""
     x, _, path = euler_sample(velocity, z, steps, eps, trajectory=True)
-    h = (1 - eps) / steps
     chord = (x - z) / (1 - eps)  # the constant velocity of the straight path z -> x
-    gaps = [(chord - (b - a) / h).square().flatten(1).sum(1).mean() for a, b in zip(path[:-1], path[1:])]
-    return torch.stack(gaps).mean().item()
+    velocities = (path[1:] - path[:-1]) / ((1 - eps) / steps)
+    return (chord - velocities).square().flatten(2).sum(2).mean().item()
 
 
 def tf1_resize(x, size):
-    """Bilinear resize of (b, c, h, w) to size x size as TensorFlow 1 computes it (the FID
-    graph's own resize): output pixel i samples the input at i·in/out, with no half-pixel
-    centres, interpolating along the width first."""
+    """Bilinear resize of (b, c, h, w) to size x size as TensorFlow 1 (the FID graph) does it: output pixel
+    i samples the input at i·in/out, with no half-pixel centres, interpolating along the width first."""
     def taps(n):  # for each output pixel: the source pixels either side, and the weight of the second
         src = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
         lo = src.floor().long()
@@ -561,12 +511,10 @@ def tf1_resize(x, size):
 
 
 def fid_inception(weights=None):
-    """The FID Inception network, in eval mode: images in [-1, 1] of any size with 1 or 3
-    channels -> (batch, 2048) features. weights: None (random, for tests), a path or a
-    state dict laid out as pt_inception-2015-12-05-6726825d.pth (FID_WEIGHTS_URL)."""
-    # the TensorFlow graph of 2015 as torchvision's Inception3 with three differences: the A,
-    # C and E blocks' pool branches average without the zero padding, the last E block
-    # max-pools there, and the classifier has 1008 outputs. Features: the 2048-d final pooling.
+    """The FID Inception network, in eval mode: images in [-1, 1], any size, 1 or 3 channels -> (batch, 2048)
+    features. weights: None (random, for tests), a path or a state dict laid out as FID_WEIGHTS_URL's file."""
+    # the TF graph of 2015 is torchvision's Inception3 but for: the A, C and E blocks' pool branches average
+    # without the zero padding, the last E block max-pools there, and the classifier has 1008 outputs
     from torchvision.models import inception as tv
 
     class PaddingFreePool:  # mixin for InceptionA/C/E: redo the pool branch the TF way
@@ -622,25 +570,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 # -----------------------------------------------------------------------------
 # 7. The training loop
-# Written once; every stage calls it with its own objective. AdamW with a linear warm-up,
-# gradient clipping, and an EMA of the weights, which is what samples. Checkpoints hold all
-# that is needed to continue bit for bit, and a NaN never reaches one. The same loop runs
-# in one process or in several under torchrun (section 14).
-
-@torch.no_grad()
-def update_ema(ema, net, decay):
-    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)  # one fused call on a GPU
-
+# Written once, called by every stage with its objective: AdamW, linear warm-up, gradient clipping, an EMA of the
+# weights (what samples). Checkpoints continue bit for bit and never hold a NaN. Also under torchrun (section 14).
 
 def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay=0.0, grad_clip=1.0,
           ema_decay=0.999, seed=0, device="cpu", precision="fp32", compile=False, checkpoint=None, meta=None,
           resume=False, log_every=100, ckpt_every=1000, preview=None, preview_every=0):
     """Minimise objective(model, batch, step) for `steps` AdamW steps; return the EMA of net.
-    batch = data.sample(batch_size), this process's share of the global batch. The learning
-    rate warms up linearly over lr_warmup steps, gradients are clipped to norm grad_clip
-    (0: off), and the EMA decays by min(ema_decay, (1 + n)/(10 + n)) at update n. With a
-    `checkpoint` path, the run is saved there every ckpt_every steps (with meta: stage, dataset,
-    model_name, data_shape); resume=True continues it. preview(ema, step) every preview_every."""
+    batch = data.sample(batch_size), this process's share of the global batch. The learning rate warms up
+    linearly over lr_warmup steps, gradients are clipped to norm grad_clip (0: off), and the EMA decays by
+    min(ema_decay, (1 + n)/(10 + n)) at update n. A `checkpoint` path saves the run every ckpt_every steps, with
+    meta (stage, dataset, model_name, data_shape); resume=True continues it. preview(ema, step): every preview_every."""
     settings = {k: v for k, v in locals().items() if isinstance(v, (bool, int, float, str))}  # for checkpoints
     meta, (rank, processes) = meta or {"stage": "train"}, world()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -654,9 +594,8 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
     model = training_view(net, device, compile)  # what the objective calls: net, under DDP and/or compiled
     net.train()
     tic, tic_step = time.time(), step
-    # the first step whose loss is not finite, kept on the device so that no step waits for
-    # the GPU: read before each log, checkpoint and preview, so a NaN never reaches a checkpoint
-    bad_step = torch.tensor(steps, device=device)  # `steps`: none
+    # the first step with a non-finite loss (`steps`: none), kept on the device so that no step waits for the GPU
+    bad_step = torch.tensor(steps, device=device)
     while step < steps:
         for group in opt.param_groups:  # linear warm-up of the learning rate
             group["lr"] = lr * min(1.0, (step + 1) / max(1, lr_warmup))
@@ -669,11 +608,13 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
             nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         opt.step()
         step += 1
-        update_ema(ema, net, min(ema_decay, (1 + step) / (10 + step)))  # warm: short runs need it
+        with torch.no_grad():  # the EMA, warm (short runs need it), in one fused call on a GPU
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
 
         log, save = step % log_every == 0 or step == steps, step % ckpt_every == 0 or step == steps
         show = preview is not None and preview_every and step % preview_every == 0
-        if (log or save or show) and first_bad_step(bad_step) < steps:
+        if (log or save or show) and first_bad_step(bad_step) < steps:  # so a NaN never reaches a checkpoint
             raise TrainingError(f"[{meta['stage']}] loss is not finite from step {int(bad_step)} on; stopped at "
                                 f"step {step}. {last_good(checkpoint, saved)}")
         if log:
@@ -699,8 +640,7 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
 # 8. The pipeline, stage by stage
 # Each stage reads what the one before wrote under --out (runs/<dataset>):
 #     teacher.pt -> pairs.pt -> reflow.pt -> distill.pt (or traflow.pt)
-# cfg holds one stage's settings, built from the defaults and the flags (section 17); the
-# default run (stage_all, section 15) runs the four of SlimFlow in turn.
+# cfg: one stage's settings, from the defaults and the flags (section 17). stage_all (section 15) runs all four.
 
 def stage_teacher(cfg):
     """The 1-rectified flow v1: rectified flow on noise and data paired at random."""
@@ -733,8 +673,7 @@ def stage_distill(cfg):
     objective = FlowGuidedDistillationLoss(v2, distance, cfg.reg_weight, cfg.target_form)
     print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
           f"target {cfg.target_form}")
-    train_stage(cfg, "distill", G, objective, load_pairs(cfg), preview=lambda g, z: g(z),
-                model_name=ckpt["model_name"])
+    train_stage(cfg, "distill", G, objective, load_pairs(cfg), preview=lambda g, z: g(z), model_name=ckpt["model_name"])
 
 
 def stage_traflow(cfg):
