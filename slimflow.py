@@ -27,6 +27,10 @@ import shutil
 import sys
 import time
 import types
+try:
+    import fcntl  # the run directory's lock (see lock_run_directory); Windows runs without it
+except ImportError:
+    fcntl = None
 from collections import OrderedDict
 from pathlib import Path
 
@@ -314,7 +318,8 @@ def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
     if not sol.success:
         raise TrainingError(f"RK45 failed: {sol.message}")
     path = torch.from_numpy(sol.y.T).reshape(-1, *z.shape).to(z.device, z.dtype)
-    return (path[-1], sol.nfev, path) if trajectory else (path[-1], sol.nfev)
+    x = path[-1].clone()  # not a view: saved alone, it does not carry the whole path
+    return (x, sol.nfev, path) if trajectory else (x, sol.nfev)
 
 
 SAMPLERS = ("one_step", "euler", "heun", "rk45")
@@ -596,42 +601,46 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
     tic, tic_step = time.time(), step
     # the first step with a non-finite loss (`steps`: none), kept on the device so that no step waits for the GPU
     bad_step = torch.tensor(steps, device=device)
-    while step < steps:
-        for group in opt.param_groups:  # linear warm-up of the learning rate
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, lr_warmup))
-        with bf16_autocast(device, precision):
-            loss, logs = objective(model, data.sample(batch_size, rank, processes), step)
-        bad_step = torch.where(torch.isfinite(loss.detach()), bad_step, bad_step.clamp(max=step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        opt.step()
-        step += 1
-        with torch.no_grad():  # the EMA, warm (short runs need it), in one fused call on a GPU
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+    try:
+        while step < steps:
+            for group in opt.param_groups:  # linear warm-up of the learning rate
+                group["lr"] = lr * min(1.0, (step + 1) / max(1, lr_warmup))
+            with bf16_autocast(device, precision):
+                loss, logs = objective(model, data.sample(batch_size, rank, processes), step)
+            bad_step = torch.where(torch.isfinite(loss.detach()), bad_step, bad_step.clamp(max=step))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+            opt.step()
+            step += 1
+            with torch.no_grad():  # the EMA, warm (short runs need it), in one fused call on a GPU
+                decay = min(ema_decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
 
-        log, save = step % log_every == 0 or step == steps, step % ckpt_every == 0 or step == steps
-        show = preview is not None and preview_every and step % preview_every == 0
-        if (log or save or show) and first_bad_step(bad_step) < steps:  # so a NaN never reaches a checkpoint
-            raise TrainingError(f"[{meta['stage']}] loss is not finite from step {int(bad_step)} on; stopped at "
-                                f"step {step}. {last_good(checkpoint, saved)}")
-        if log:
-            rate = (step - tic_step) / (time.time() - tic)
-            extra = "".join(f"  {k} {v:.4f}" for k, v in logs.items())
-            print(f"[{meta['stage']}] step {step}/{steps}  loss {loss.item():.4f}{extra}  {rate:.1f} it/s",
-                  flush=True)
-        if save:
-            if not all(torch.isfinite(p).all() for p in net.parameters()):
-                raise TrainingError(f"[{meta['stage']}] weights are not finite at step {step}. "
-                                    f"{last_good(checkpoint, saved)}")
-            if checkpoint:
-                save_training(checkpoint, {**meta, "step": step, "model": net.state_dict(), "ema": ema.state_dict(),
-                                           "optimizer": opt.state_dict(), "training": settings}, data)
-                saved = step
-        if show and rank == 0:
-            preview(ema, step)
+            log, save = step % log_every == 0 or step == steps, step % ckpt_every == 0 or step == steps
+            show = preview is not None and preview_every and step % preview_every == 0
+            if (log or save or show) and first_bad_step(bad_step) < steps:  # so a NaN never reaches a checkpoint
+                raise TrainingError(f"[{meta['stage']}] loss is not finite from step {int(bad_step)} on; stopped at "
+                                    f"step {step}. {last_good(checkpoint, saved)}")
+            if log:
+                rate = (step - tic_step) / (time.time() - tic)
+                extra = "".join(f"  {k} {v:.4f}" for k, v in logs.items())
+                print(f"[{meta['stage']}] step {step}/{steps}  loss {loss.item():.4f}{extra}  {rate:.1f} it/s",
+                      flush=True)
+            if save:
+                if not all(torch.isfinite(p).all() for p in [*net.parameters(), *ema.parameters()]):
+                    raise TrainingError(f"[{meta['stage']}] the weights or their EMA are not finite at step {step}. "
+                                        f"{last_good(checkpoint, saved)}")
+                if checkpoint:
+                    save_training(checkpoint, {**meta, "step": step, "model": net.state_dict(), "ema": ema.state_dict(),
+                                               "optimizer": opt.state_dict(), "training": settings}, data)
+                    saved = step
+            if show and rank == 0:
+                preview(ema, step)
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on
+        raise KeyboardInterrupt(f"[{meta['stage']}] stopped at step {step}. {last_good(checkpoint, saved)}"
+                                + ("; --resume continues it" if saved is not None else "")) from None
     barrier()  # the next stage, in any process, reads the final checkpoint
     return ema
 
@@ -728,6 +737,8 @@ def read_idx_images(path):
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         raw = f.read()
     n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
+    if len(raw) < 16 + n * h * w:
+        raise UsageError(f"{path} is truncated: {(len(raw) - 16) // max(1, h * w)} of its {n} images; fetch it again")
     return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, 1, h, w)
 
 
@@ -745,8 +756,9 @@ def image_dataset(name, data_dir, image_size=32, limit=None, seed=0, train=True)
         try:
             x = torch.as_tensor(dataset(str(data_dir), train=train, download=True).data)
         except Exception as err:
-            raise UsageError(f"could not load {name} into {data_dir} ({type(err).__name__}: {err}); offline? put the "
-                             f"files there as torchvision expects them, or for fashion_mnist pass --data-dir "
+            reason = str(err).partition("\n")[0]  # torchvision's messages run over several lines
+            raise UsageError(f"could not load {name} into {data_dir} ({type(err).__name__}: {reason}); offline? put "
+                             f"the files there as torchvision expects them, or for fashion_mnist pass --data-dir "
                              f"/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)") from None
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # grey (n, h, w) or RGB (n, h, w, 3)
     elif name == "folder":
@@ -755,7 +767,14 @@ def image_dataset(name, data_dir, image_size=32, limit=None, seed=0, train=True)
         if not files:
             raise UsageError(f"no images (.png, .jpg, .jpeg, .bmp, .webp) under --data-dir {data_dir}")
         crop = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
-        x = torch.stack([crop(Image.open(p).convert("RGB")) for p in files[:limit]])
+
+        def read(path):
+            try:
+                return crop(Image.open(path).convert("RGB"))
+            except OSError as err:  # PIL's UnidentifiedImageError is one
+                raise UsageError(f"{path} is not a readable image ({type(err).__name__}); move it out of --data-dir"
+                                 ) from None
+        x = torch.stack([read(p) for p in files[:limit]])
     else:
         raise UsageError(f"unknown image dataset {name!r}; choose from {', '.join(IMAGE_DATASETS)}")
     x = x[:limit]
@@ -906,6 +925,20 @@ def save_atomic(obj, path):
         raise
 
 
+def save_json(obj, path):
+    save_atomic(lambda f: f.write(json.dumps(obj, indent=1).encode()), path)
+
+
+def read_json(path, default=None):
+    """A JSON file of ours, or `default` when there is none; a corrupt one is a one-line error."""
+    if not Path(path).exists():
+        return default
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError:
+        raise UsageError(f"{path} is corrupt (not JSON); move it away, then run again") from None
+
+
 def save_training(path, state, data):
     """A training checkpoint with every random state an exact continuation needs; rank 0 writes it."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -946,19 +979,27 @@ def read_checkpoint(path, made_by=None, official_ok=False):
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} not found" + (f"; make it with: python slimflow.py {made_by}" if made_by else ""))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UsageError(f"{path} is corrupt or not a slimflow file ({type(err).__name__})") from None
+    ckpt = load_file(path, "a slimflow")
     ours = isinstance(ckpt, dict) and ckpt.get("format") == "slimflow"
     if not (ours or official_ok and isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
         raise UsageError(f"{path} is not a slimflow checkpoint" + (" nor an official one" if official_ok else ""))
     return ckpt
 
 
-def check_compatible(ckpt, path, dataset=None, model=None):
+def load_file(path, what):
+    """torch.load of tensors onto the CPU; a file that cannot be read is a one-line error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"{path} is corrupt or not {what} file ({type(err).__name__})") from None
+
+
+def check_compatible(ckpt, path, dataset=None, model=None, shape=None):
     if dataset is not None and ckpt["dataset"] != dataset:
         raise UsageError(f"{path} was made for dataset {ckpt['dataset']!r}, not {dataset!r}")
+    held = tuple(ckpt["data_shape"] if "data_shape" in ckpt else ckpt["z0"].shape[1:])  # a network's, or pairs'
+    if shape is not None and held != tuple(shape):
+        raise UsageError(f"{path} holds data of shape {held}, not {tuple(shape)}; another --image-size?")
     if model is not None and ckpt["model_name"] != model:
         raise UsageError(f"{path} holds a {ckpt['model_name']!r} network, not {model!r}")
 
@@ -977,7 +1018,7 @@ def check_tensors(found, expected, path):
 
 def load_weights(net, weights, what):
     """A state dict, or a file of one, into net after check_tensors."""
-    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
+    state = weights if isinstance(weights, dict) else load_file(weights, f"a {what} weights")
     check_tensors(state, net.state_dict(), f"{what} weights")
     net.load_state_dict(state, strict=False)
     return net
@@ -1053,7 +1094,7 @@ def training_data(cfg):
 def load_pairs(cfg):
     path = out_path(cfg, "pairs")
     pairs = read_checkpoint(path, made_by=make_command(cfg, "pairs"))
-    check_compatible(pairs, path, cfg.dataset)
+    check_compatible(pairs, path, cfg.dataset, shape=cfg.shape)
     return TrainingData(pairs["z0"], pairs["z1"], flip=cfg.flip and not cfg.toy, device=cfg.device, seed=cfg.seed)
 
 
@@ -1072,7 +1113,7 @@ def load_stage_network(cfg, stage, weights="ema"):
         return net.to(cfg.device).eval().requires_grad_(False), {"model_name": model_name}
     if ckpt.get("stage") != stage and not (stage == "reflow" and ckpt.get("stage") == "teacher"):
         raise UsageError(f"{path} holds the {ckpt.get('stage')!r} stage, not {stage!r}")
-    check_compatible(ckpt, path, cfg.dataset)
+    check_compatible(ckpt, path, cfg.dataset, shape=cfg.shape)
     return network_from_checkpoint(ckpt, cfg.device, weights), ckpt
 
 
@@ -1180,7 +1221,7 @@ def solve_pairs(cfg, z0, solve, teacher):
     shards = path.with_suffix(".shards")
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
     recipe = {"dataset": cfg.dataset, "shape": list(cfg.shape), "seed": cfg.seed, "num_pairs": cfg.num_pairs,
-              "rtol": cfg.rtol, "atol": cfg.atol, "teacher": weights.hexdigest()}
+              "pairs_batch": cfg.pairs_batch, "rtol": cfg.rtol, "atol": cfg.atol, "teacher": weights.hexdigest()}
 
     def change(made):  # how a file's recipe differs from this run's, in words
         return ("by an older slimflow, which kept no recipe" if made is None
@@ -1191,7 +1232,7 @@ def solve_pairs(cfg, z0, solve, teacher):
                              f"python slimflow.py {make_command(cfg, 'pairs')} --overwrite")
         print(f"[pairs] reusing {path}: same teacher and recipe")
         return
-    made = json.loads((shards / "recipe.json").read_text()) if (shards / "recipe.json").exists() else recipe
+    made = read_json(shards / "recipe.json", default=recipe)
     if made != recipe and not cfg.overwrite:
         raise UsageError(f"{shards} holds shards solved {change(made)}; pass --overwrite to start over")
     barrier()  # every process has read the old recipe before rank 0 replaces it
@@ -1199,7 +1240,7 @@ def solve_pairs(cfg, z0, solve, teacher):
         if cfg.overwrite:
             shutil.rmtree(shards, ignore_errors=True)
         shards.mkdir(parents=True, exist_ok=True)
-        (shards / "recipe.json").write_text(json.dumps(recipe))
+        save_json(recipe, shards / "recipe.json")
     barrier()
     z0, starts = z0.to(torch.float32 if cfg.toy else torch.float16), range(0, cfg.num_pairs, cfg.pairs_batch)
     shard = {i: shards / f"{i:09d}-{min(i + cfg.pairs_batch, cfg.num_pairs):09d}.pt" for i in starts}
@@ -1208,11 +1249,15 @@ def solve_pairs(cfg, z0, solve, teacher):
     if len(todo) < len(starts):
         print(f"[pairs] {len(starts) - len(todo)} of {len(starts)} shards already in {shards}; solving the rest")
     tic = time.time()
-    for n, i in enumerate(todo[rank::processes], 1):
-        x, nfe = solve(z0[i:i + cfg.pairs_batch].float().to(cfg.device))
-        save_atomic({"z1": x.cpu().to(z0.dtype), "nfe": nfe}, shard[i])
-        print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {min(n * processes, len(todo))}/{len(todo)} shards in "
-              f"{time.time() - tic:.1f}s", flush=True)
+    try:
+        for n, i in enumerate(todo[rank::processes], 1):
+            x, nfe = solve(z0[i:i + cfg.pairs_batch].float().to(cfg.device))
+            save_atomic({"z1": x.cpu().to(z0.dtype), "nfe": nfe}, shard[i])
+            print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {min(n * processes, len(todo))}/{len(todo)} shards in "
+                  f"{time.time() - tic:.1f}s", flush=True)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"[pairs] the shards solved are kept in {shards}: the same command goes on from them"
+                                ) from None
     barrier()
     if rank == 0:
         parts = [torch.load(shard[i], weights_only=True) for i in starts]
@@ -1319,8 +1364,8 @@ def sampler_name(stage, nfe, sampler):
 def stage_sample(cfg):
     stage = pick_stage(cfg)
     x, nfe = generate_all(load_stage_network(cfg, stage)[0], stage, cfg)
-    path = Path(cfg.out) / f"samples_{stage}.npy"
-    np.save(path, x.numpy())
+    path = Path(cfg.out) / f"samples_{stage}.npy"  # not there, or --overwrite: see run_stage
+    save_atomic(lambda f: np.save(f, x.numpy()), path)
     save_preview(x, path.with_suffix(".png"), cfg)
     print(f"[sample] {len(x)} samples from {stage} ({sampler_name(stage, nfe, cfg.sampler)}, NFE {nfe}) -> {path} "
           f"and {path.with_suffix('.png')}")
@@ -1352,9 +1397,10 @@ def download(url, folder, what, flag):
     return path
 
 
-def fid_of(x, cfg, extractor=None):
-    """FID of images x against the training set, whose statistics come from --fid-stats or are
-    computed once and cached in --data-dir per dataset, size, image count and feature network."""
+def fid_metric(cfg, extractor=None):
+    """fid(x): the FID of images x against the training set. Everything it needs is ready before the first
+    sample: the Inception weights, and the training set's statistics (--fid-stats, or computed once and cached
+    in --data-dir per dataset, size, image count and feature network)."""
     if extractor is None:
         extractor = fid_inception(cfg.fid_weights or download(FID_WEIGHTS_URL, Path(cfg.data_dir) / "fid",
                                                               "the FID Inception weights", "--fid-weights"))
@@ -1384,8 +1430,9 @@ def fid_of(x, cfg, extractor=None):
             mu_real, sigma_real = npz["mu"], npz["sigma"]
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(f"{stats} holds no FID statistics (an .npz of mu and sigma): {err}") from None
-    x = (255 * (x.clamp(-1, 1) + 1) / 2).to(torch.uint8)  # 8-bit, truncated, as the official evaluation does
-    return frechet_distance(*features(x, "samples"), mu_real, sigma_real)
+    # samples as 8-bit images, truncated, as the official evaluation makes them
+    return lambda x: frechet_distance(*features((255 * (x.clamp(-1, 1) + 1) / 2).to(torch.uint8), "samples"),
+                                      mu_real, sigma_real)
 
 
 def laplacian_swd(x, y, max_images=1000, patches=128, seed=0):
@@ -1446,16 +1493,17 @@ def si(n):
     return next(f"{n / 10**e:.2f}{u}" for e, u in ((9, "G"), (6, "M"), (3, "K"), (0, "")) if n >= 10**e or e == 0)
 
 
-def evaluate(cfg, stage, net, sampler, method=None, extractor=None):
+def evaluate(cfg, stage, net, sampler, method=None, fid=None):
     """One row of the paper's table (see print_table) for a stage's network and sampler, with FLOPs and
-    MACs counting attention. `extractor` replaces FID's Inception (tests)."""
+    MACs counting attention. On images fid = fid_metric(cfg); SWD, against held-out images, needs no weights."""
+    reference = (toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 3) if cfg.toy
+                 else image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, None, cfg.seed, train=False))
     x, nfe = generate_all(net, stage, cfg, sampler)
     row = {"method": method or f"{stage} ({sampler_name(stage, nfe, sampler)})", "params": num_params(net), "nfe": nfe}
     if cfg.toy:
-        row["sw2"] = sliced_wasserstein(x, toy_data(cfg.dataset, len(x), cfg.seed + 3))
-    else:  # SWD against held-out images needs no pretrained network
-        row["swd"] = laplacian_swd(x, image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, None, cfg.seed, False))
-        row["fid"] = fid_of(x, cfg, extractor)
+        row["sw2"] = sliced_wasserstein(x, reference)
+    else:
+        row["swd"], row["fid"] = laplacian_swd(x, reference), fid(x)
     z = fixed_noise(cfg, min(cfg.num_samples, cfg.pairs_batch), "eval").to(cfg.device)
     t = torch.full((1,), 0.5, device=cfg.device)
     macs = count_macs(net, *{"distill": (z[:1],), "traflow": (z[:1], t, t)}.get(stage, (z[:1], t)))  # per call
@@ -1486,15 +1534,14 @@ def print_table(cfg, rows):
 
 def stage_eval(cfg, extractor=None):
     """The table row of one stage (--from) and sampler, printed and merged into <out>/metrics.json."""
-    stage = pick_stage(cfg)
-    row = evaluate(cfg, stage, load_stage_network(cfg, stage)[0], cfg.sampler, extractor=extractor)
+    stage, path = pick_stage(cfg), Path(cfg.out) / "metrics.json"
+    metrics, net = read_json(path, default={}), load_stage_network(cfg, stage)[0]  # all read before the work
+    row = evaluate(cfg, stage, net, cfg.sampler, fid=None if cfg.toy else fid_metric(cfg, extractor))
     floor = print_table(cfg, [row])
     if floor is not None:
         row["sw2_floor"] = floor
-    path = Path(cfg.out) / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics[f"{row['method']} nfe={row['nfe']}"] = row
-    path.write_text(json.dumps(metrics, indent=1))
+    save_json(metrics, path)
     print(f"[eval] -> {path}")
     return row
 
@@ -1504,6 +1551,10 @@ def stage_all(cfg):
     one table of all its models (also <out>/results.json) and their paths; on images, each stage's samples."""
     tic = time.time()
     given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
+    for stage in (s for s in given if given[s]):  # checked before the work: the given checkpoints,
+        load_stage_network(cfg, stage)
+    if cfg.distance == "lpips":  # and the LPIPS weights
+        lpips_distance(cfg)
     for stage in ("teacher", "pairs", "reflow", "distill"):
         if given.get(stage):
             print(f"[all] {stage}: using {given[stage]}")
@@ -1518,11 +1569,11 @@ def stage_all(cfg):
                 evaluate(cfg, "reflow", flow2, "one_step", "2-rectified flow (one Euler step)"),
                 evaluate(cfg, "distill", generator, None, "SlimFlow one-step generator")]
         floor = print_table(cfg, rows)
-        (Path(cfg.out) / "results.json").write_text(json.dumps({"sw2_floor": floor, "rows": rows}, indent=1))
+        save_json({"sw2_floor": floor, "rows": rows}, Path(cfg.out) / "results.json")
         plot_trajectories(cfg, teacher, flow2, generator)
     elif rank == 0:
         for stage, sampler in zip(FLOW_STAGES, ("rk45", "one_step", "one_step")):
-            stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))
+            stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))  # replaced
     print(f"[all] done in {time.time() - tic:.0f}s; outputs in {cfg.out}")
 
 
@@ -1666,16 +1717,29 @@ def settings_for(given, stage=None):
     merged["shape"] = (2,) if toy else (1 if dataset in ("mnist", "fashion_mnist") else 3, size, size)
     if toy and merged["distance"] == "lpips":
         raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
+    if merged["resume"] and merged["overwrite"]:
+        raise UsageError("--resume continues a stage and --overwrite starts it over: pass one of them")
+    for flag in ("teacher_model", "model"):  # a preset of the data's kind, which can halve the image evenly
+        name, presets = merged[flag], MLP_PRESETS if toy else PRESETS
+        if name not in presets:
+            raise UsageError(f"--{flag.replace('_', '-')} {name} does not fit {kind} data; choose from "
+                             f"{', '.join(presets)}")
+        multiple = 1 if toy else 2 ** (len(presets[name]["ch_mult"]) - 1)  # the U-Net halves it once per level
+        if not toy and (size % multiple or size < 8):
+            raise UsageError(f"--image-size {size}: {name} needs a multiple of {multiple}, at least 8")
     return Settings(**merged, given=types.MappingProxyType(dict(given)))
 
 
-def number(kind, strict=True):
-    """An argparse type: a `kind` > 0 (strict) or >= 0."""
+def number(kind, strict=True, below=None):
+    """An argparse type: a finite `kind` > 0 (strict) or >= 0, and below `below` when given."""
     def parse(text):
         value = kind(text)
-        if not (value > 0 if strict else value >= 0):
-            need = ("a positive integer" if kind is int else "positive") if strict else ">= 0"
-            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+        if not ((kind is int or math.isfinite(value)) and (value > 0 if strict else value >= 0)
+                and (below is None or value < below)):
+            need = (f"in [0, {below})" if below is not None else ">= 0" if not strict
+                    else "a positive integer" if kind is int else "positive")
+            finite = " and finite" if kind is float and below is None else ""
+            raise argparse.ArgumentTypeError(f"must be {need}{finite}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse says "invalid int value: 'x'"
     return parse
@@ -1704,7 +1768,8 @@ def parse_args(argv=None):
         ("--steps", count, "training steps of the stage (all: of every stage)"), ("--batch-size", count, None),
         ("--lr", positive, None), ("--lr-warmup", count_or_0, "learning-rate warm-up steps"),
         ("--weight-decay", at_least_0, None), ("--grad-clip", at_least_0, "max gradient norm (0: off)"),
-        ("--ema-decay", at_least_0, None), ("--seed", int, None),
+        ("--ema-decay", number(float, strict=False, below=1), None),
+        ("--seed", number(int, strict=False, below=2**32), None),
         ("--device", str, "auto (default), cpu, cuda, cuda:N or mps"),
         ("--precision", ("fp32", "bf16"), "bf16 autocast (default on GPUs with bf16)"),
         ("--compile", switch, "torch.compile the network for training"),
@@ -1775,23 +1840,57 @@ def run_stage(cfg):
     path = out_path(cfg, cfg.stage)
     if cfg.stage in STAGE_FILES and path.exists() and not (cfg.resume or cfg.overwrite):
         raise UsageError(f"{path} exists; pass --resume to continue it or --overwrite to start over")
+    samples = Path(cfg.out) / f"samples_{pick_stage(cfg)}.npy"
+    if cfg.stage == "sample" and samples.exists() and not cfg.overwrite:
+        raise UsageError(f"{samples} exists; pass --overwrite to replace it")
     torch.manual_seed(cfg.seed)  # the networks' initial weights
     return STAGES[cfg.stage](cfg)
 
 
+def lock_run_directory(cfg):
+    """Make --out, and lock it for this run: a second run on it is refused, naming this one's process. The lock
+    is held by the open file, so it goes with the process however that ends."""
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+    except OSError as err:
+        raise UsageError(f"cannot write to --out {out} ({err.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise UsageError(f"{out} is in use by another slimflow run (process {holder}); wait for it to end or pass "
+                         f"another --out") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 def main(argv=None):
+    lock = None
     try:
         cfg = parse_args(argv)
+        if cfg.stage != "bench" and fcntl and int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes in --out
+            lock = lock_run_directory(cfg)
         if cfg.stage not in ("sample", "eval", "bench"):
             start_processes(cfg.device)
         elif int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 alone samples, evaluates, benchmarks
             return 0
         run_stage(cfg)
-    except (UsageError, TrainingError) as err:  # bad input: exit status 2; training cannot go on: 1
+    except (UsageError, TrainingError, OSError) as err:  # bad input: exit status 2; a fault (a full disk): 1
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
+    except KeyboardInterrupt as err:  # Ctrl-C: what is kept, and how to go on
+        print(f"error: interrupted. {err}", file=sys.stderr)
+        return 130
     finally:
         stop_processes()
+        if lock:
+            lock.close()
     return 0
 
 

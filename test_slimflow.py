@@ -787,6 +787,12 @@ def run(tmp_path, *argv):
     return sf.main(["--out", str(tmp_path), *TINY, *argv])
 
 
+def assert_one_line_error(capsys, pattern):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert pattern in err, err
+
+
 def state_of(path):
     ckpt = torch.load(path, weights_only=True)
     return ckpt["step"], ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"]
@@ -820,17 +826,18 @@ def teacher_run(tmp_path):
     return tmp_path, (tmp_path / "teacher.pt").read_bytes()
 
 
-def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(teacher_run, monkeypatch):
+def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(teacher_run, monkeypatch, capsys):
     out, before = teacher_run
 
     def disk_full(obj, f, *args, **kwargs):  # writes part of the file, then fails
         Path(f).write_bytes(before[:len(before) // 2])
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        run(out, "--stage", "teacher", "--resume", "--steps", "30")
+    capsys.readouterr()
+    assert run(out, "--stage", "teacher", "--resume", "--steps", "30") == 1
+    assert_one_line_error(capsys, "No space left on device")
     assert (out / "teacher.pt").read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == ["teacher.pt"]  # no partial file left
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "teacher.pt"]  # no partial file left
 
 
 # ----------------------------------------------------------------------------- 8. The pipeline, stage by stage
@@ -1251,12 +1258,6 @@ def test_pairs_stage_starts_from_an_official_teacher(tmp_path, capsys):
 # ----------------------------------------------------------------------------- 11. Checkpoints
 # One line on stderr, exit status 2, and nothing that exists is modified.
 
-def assert_one_line_error(capsys, pattern):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert pattern in err, err
-
-
 def test_a_checkpoint_without_the_data_stream_is_not_resumed(teacher_run, capsys):
     out, _ = teacher_run
     ckpt = torch.load(out / "teacher.pt", weights_only=True)
@@ -1478,8 +1479,7 @@ def test_stopped_pair_generation_continues_with_the_missing_shards(tmp_path, mon
         calls.append(1)
         return solve(*a, **k)
     monkeypatch.setattr(sf, "rk45_sample", stops_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "split", "--stage", "pairs", "--pairs-batch", "64")
+    assert run(tmp_path / "split", "--stage", "pairs", "--pairs-batch", "64") == 130  # Ctrl-C
     assert len(list((tmp_path / "split" / "pairs.shards").glob("*.pt"))) == 2
     calls.clear()
     monkeypatch.setattr(sf, "rk45_sample", lambda *a, **k: calls.append(1) or solve(*a, **k))
@@ -1492,8 +1492,7 @@ def test_stopped_pair_generation_continues_with_the_missing_shards(tmp_path, mon
 def test_shards_of_another_teacher_are_refused(tmp_path, capsys, monkeypatch):
     assert run(tmp_path, "--stage", "teacher") == 0
     monkeypatch.setattr(sf, "rk45_sample", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "--stage", "pairs", "--pairs-batch", "64")
+    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 130
     monkeypatch.undo()
     assert run(tmp_path, "--stage", "teacher", "--overwrite", "--lr", "3e-2") == 0  # same path, same steps
     capsys.readouterr()
@@ -1622,8 +1621,8 @@ def test_two_processes_run_every_stage_and_write_once(tmp_path, capfd):
     out = capfd.readouterr().out
     assert out.count("[teacher] step 20/20") == 1 and out.count("SlimFlow one-step generator") == 1
     assert "x 2 processes" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["distill.pt", "pairs.pt", "reflow.pt", "results.json",
-                                                         "teacher.pt", "trajectories.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "distill.pt", "pairs.pt", "reflow.pt",
+                                                         "results.json", "teacher.pt", "trajectories.png"]
     two_processes(tmp_path, "--stage", "traflow")  # forward-mode AD through DistributedDataParallel
     assert sf.read_checkpoint(tmp_path / "traflow.pt")["step"] == 20
     # the pairs do not depend on how many processes solved them
@@ -1716,9 +1715,10 @@ def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
                           str(tmp_path / "data"), "--stage", "eval", "--pairs-batch", "16"])
     extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
     real = sf.to_unit_range(sf.image_dataset("shapes", args.data_dir, 32, 48, args.seed))
-    assert sf.fid_of(real + 0.0035, args, extractor) == pytest.approx(0, abs=1e-4)  # within the same 8-bit level
-    assert sf.fid_of(real + 0.01, args, extractor) > 1e-3
-    assert sf.fid_of(real - 0.0035, args, extractor) > 1e-3  # truncated, as the official code does: not rounded
+    fid = sf.fid_metric(args, extractor)
+    assert fid(real + 0.0035) == pytest.approx(0, abs=1e-4)  # within the same 8-bit level
+    assert fid(real + 0.01) > 1e-3
+    assert fid(real - 0.0035) > 1e-3  # truncated, as the official code does: not rounded
 
 
 def test_swd_is_zero_between_equal_sets_and_grows_with_the_difference(monkeypatch):
@@ -1738,15 +1738,15 @@ def test_fid_reads_given_training_set_statistics(tmp_path):
             "--stage", "eval", "--pairs-batch", "16"]
     extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
     real = sf.to_unit_range(sf.image_dataset("shapes", tmp_path / "data", 32, 48, 0))
-    fid = sf.fid_of(real + 0.01, sf.parse_args(argv), extractor)
+    fid = sf.fid_metric(sf.parse_args(argv), extractor)(real + 0.01)
     cached = next((tmp_path / "data").glob("fid_stats_*.npz"))
     shutil.move(cached, tmp_path / "given.npz")
     given = sf.parse_args([*argv, "--fid-stats", str(tmp_path / "given.npz")])
-    assert sf.fid_of(real + 0.01, given, extractor) == fid
+    assert sf.fid_metric(given, extractor)(real + 0.01) == fid
     assert not list((tmp_path / "data").glob("fid_stats_*.npz"))  # read from the file, not computed again
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
     with pytest.raises(sf.UsageError, match="holds no FID statistics"):
-        sf.fid_of(real, sf.parse_args([*argv, "--fid-stats", str(tmp_path / "bad.npz")]), extractor)
+        sf.fid_metric(sf.parse_args([*argv, "--fid-stats", str(tmp_path / "bad.npz")]), extractor)
 
 
 # ----------------------------------------------------------------------------- 16. Bench
@@ -1826,6 +1826,188 @@ def test_cifar10_defaults_are_the_official_recipe():
     for dataset in ("shapes", "8gaussians"):  # CPU demos and tests need no downloads
         assert sf.settings_for({"dataset": dataset}, "distill").distance == "l2"
     assert sf.settings_for({"dataset": "cifar10", "flip": True, "lr_warmup": 7}, "distill").flip is True
+
+
+# ----------------------------------------------------------------------------- bad input and faults (issue 13)
+# Every bad input is one line on stderr with exit status 2, found before any training or sampling;
+# a fault leaves finished work as it was.
+
+SHAPES = ["--dataset", "shapes", "--max-images", "16", "--steps", "2", "--batch-size", "4", "--num-pairs", "8",
+          "--pairs-batch", "4", "--num-samples", "8", "--preview-every", "0", "--teacher-model", "unet-micro",
+          "--model", "unet-micro"]
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--ema-decay", "1.0"], "--ema-decay: must be in [0, 1), got 1.0"),
+    (["--ema-decay", "1.5"], "--ema-decay: must be in [0, 1)"),
+    (["--ema-decay", "nan"], "--ema-decay: must be in [0, 1)"),
+    (["--lr", "inf"], "--lr: must be positive and finite, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay: must be >= 0 and finite"),
+    (["--rtol", "inf"], "--rtol: must be positive and finite"),
+    (["--reg-weight", "inf"], "--reg-weight: must be >= 0 and finite"),
+    (["--seed", "-1"], "--seed: must be in [0, 4294967296), got -1"),
+    (["--seed", str(2**70)], "--seed: must be in [0, 4294967296)"),
+    (["--dataset", "shapes", "--image-size", "17"], "--image-size 17: unet-tiny needs a multiple of 2, at least 8"),
+    (["--dataset", "shapes", "--image-size", "7"], "--image-size 7: unet-tiny needs a multiple of 2, at least 8"),
+    (["--dataset", "cifar10", "--image-size", "20"], "--image-size 20: rf-61.8m needs a multiple of 8"),
+    (["--model", "slim-3.4m"], "--model slim-3.4m does not fit toy data; choose from mlp-256x3"),
+    (["--dataset", "shapes", "--teacher-model", "mlp-64x2"], "--teacher-model mlp-64x2 does not fit image data"),
+    (["--resume", "--overwrite"], "--resume continues a stage and --overwrite starts it over"),
+])
+def test_meaningless_values_are_refused_before_any_work(tmp_path, capsys, argv, pattern):
+    assert sf.main(["--out", str(tmp_path / "run"), *argv]) == 2
+    assert_one_line_error(capsys, pattern)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert sf.main(["--out", str(tmp_path / "file"), *TINY, "--stage", "teacher"]) == 2
+    out, err = capsys.readouterr()
+    assert "step" not in out and err.count("\n") == 1 and "--out" in err and str(tmp_path / "file") in err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_second_run_on_a_run_directory_in_use_is_refused_naming_the_first(tmp_path, capsys):
+    import fcntl
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a+") as lock:  # another run holds the directory
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242")
+        lock.flush()
+        assert run(tmp_path, "--stage", "teacher") == 2
+        assert_one_line_error(capsys, f"{tmp_path} is in use by another slimflow run (process 4242)")
+        assert not (tmp_path / "teacher.pt").exists()
+    assert run(tmp_path, "--stage", "teacher") == 0  # the lock goes with the run that held it
+    assert run(tmp_path, "--stage", "pairs") == 0  # and this run's lock with this run
+
+
+def never(what):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} before the checks")
+    return fail
+
+
+def test_eval_checks_its_weights_and_statistics_before_sampling(tmp_path, capsys, monkeypatch):
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "teacher"]) == 0
+    monkeypatch.setattr(sf, "generate_all", never("sampled"))
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    capsys.readouterr()
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "eval", "--data-dir", str(tmp_path / "d")]) == 2
+    assert_one_line_error(capsys, "could not download the FID Inception weights")
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "eval", "--fid-weights",
+                    str(tmp_path / "garbage.pt")]) == 2
+    assert_one_line_error(capsys, f"{tmp_path / 'garbage.pt'} is corrupt or not a FID Inception weights file")
+    torch.save(sf.fid_inception().state_dict(), tmp_path / "fid.pt")
+    (tmp_path / "stats.npz").write_bytes(b"not an npz")
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "eval", "--fid-weights", str(tmp_path / "fid.pt"),
+                    "--fid-stats", str(tmp_path / "stats.npz")]) == 2
+    assert_one_line_error(capsys, "holds no FID statistics")
+
+
+def test_all_checks_given_checkpoints_and_weights_before_training(tmp_path, capsys, monkeypatch):
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    assert run(tmp_path / "a", "--init-ckpt", str(tmp_path / "garbage.pt")) == 2
+    assert_one_line_error(capsys, "is corrupt or not a slimflow file")
+    assert not (tmp_path / "a" / "teacher.pt").exists()
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert sf.main(["--out", str(tmp_path / "b"), *SHAPES, "--distance", "lpips", "--data-dir", str(tmp_path)]) == 2
+    assert_one_line_error(capsys, "could not download the LPIPS weights")
+    assert not (tmp_path / "b" / "teacher.pt").exists()
+
+
+def test_a_checkpoint_of_another_image_size_is_refused(tmp_path, capsys):
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "teacher"]) == 0
+    capsys.readouterr()
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "pairs", "--image-size", "16"]) == 2
+    assert_one_line_error(capsys, "holds data of shape (3, 32, 32), not (3, 16, 16)")
+
+
+def test_unreadable_data_files_are_one_line_errors(tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    (folder / "b.png").write_text("not an image")
+    with pytest.raises(sf.UsageError, match=f"{folder / 'b.png'} is not a readable image"):
+        sf.image_dataset("folder", folder)
+    header = b"".join(n.to_bytes(4, "big") for n in (2051, 10, 28, 28))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + bytes(28 * 28 * 3))
+    with pytest.raises(sf.UsageError, match="is truncated: 3 of its 10 images"):
+        sf.read_idx_images(tmp_path / "train-images-idx3-ubyte")
+
+
+def test_corrupt_json_files_are_one_line_errors(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    (tmp_path / "metrics.json").write_text("{corrupt")
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "eval", "--from", "teacher") == 2
+    assert_one_line_error(capsys, f"{tmp_path / 'metrics.json'} is corrupt")
+    (tmp_path / "metrics.json").unlink()
+    (tmp_path / "pairs.shards").mkdir()
+    (tmp_path / "pairs.shards" / "recipe.json").write_text("{corrupt")
+    assert run(tmp_path, "--stage", "pairs") == 2
+    assert_one_line_error(capsys, f"{tmp_path / 'pairs.shards' / 'recipe.json'} is corrupt")
+
+
+def test_json_files_are_written_atomically(tmp_path, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    assert run(tmp_path, "--stage", "eval", "--from", "teacher") == 0
+    before = (tmp_path / "metrics.json").read_bytes()
+    monkeypatch.setattr(os, "replace", never("replaced"))
+    with pytest.raises(AssertionError):
+        run(tmp_path, "--stage", "eval", "--from", "teacher", "--sampler", "euler")
+    assert (tmp_path / "metrics.json").read_bytes() == before
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_and_exits_130(tmp_path, capsys, monkeypatch):
+    loss = sf.RectifiedFlowLoss.__call__
+
+    def interrupted_at_15(self, net, x, step):
+        if step == 15:
+            raise KeyboardInterrupt
+        return loss(self, net, x, step)
+    monkeypatch.setattr(sf.RectifiedFlowLoss, "__call__", interrupted_at_15)
+    assert run(tmp_path, "--stage", "teacher") == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'teacher.pt'} (step 10)" in err and "--resume" in err
+    assert torch.load(tmp_path / "teacher.pt", weights_only=True)["step"] == 10
+
+
+def test_a_checkpoint_is_written_only_when_the_ema_is_finite_too(tmp_path):
+    with pytest.raises(sf.TrainingError, match="the weights or their EMA are not finite at step 5"):
+        sf.train(sf.MLP(hidden=16, depth=1), sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)), 10,
+                 8, 1e-3, ema_decay=float("nan"), checkpoint=tmp_path / "t.pt", ckpt_every=5)
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_sample_does_not_replace_samples_without_overwrite(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    assert run(tmp_path, "--stage", "sample", "--sampler", "euler") == 0
+    before = (tmp_path / "samples_teacher.npy").read_bytes()
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "sample", "--sampler", "one_step") == 2
+    assert_one_line_error(capsys, "samples_teacher.npy exists; pass --overwrite")
+    assert (tmp_path / "samples_teacher.npy").read_bytes() == before
+    assert run(tmp_path, "--stage", "sample", "--sampler", "rk45", "--overwrite") == 0
+    assert (tmp_path / "samples_teacher.npy").read_bytes() != before
+
+
+def test_shards_of_another_pairs_batch_are_refused(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    monkeypatch.setattr(sf, "rk45_sample", never("solved"))
+    with pytest.raises(AssertionError):  # stopped at the first solve, after the recipe is written
+        run(tmp_path, "--stage", "pairs", "--pairs-batch", "64")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "128") == 2
+    assert_one_line_error(capsys, "holds shards solved with another pairs_batch;")
+
+
+def test_rk45_returns_its_end_point_without_the_trajectory():
+    x, _ = sf.rk45_sample(lambda x, t: -x, torch.randn(4, 2))
+    assert x.untyped_storage().nbytes() == x.nbytes  # what a shard saves: the end, not the whole path
 
 
 # ----------------------------------------------------------------------------- the notebook
