@@ -46,10 +46,8 @@ from scipy.integrate import solve_ivp
 
 EPS = 1e-3  # the ODE's start time and the smallest training time
 
-
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2, nothing overwritten."""
-
 
 class TrainingError(Exception):
     """Training or solving cannot go on (a NaN loss or velocity): one line, exit status 1."""
@@ -65,7 +63,6 @@ class TrainingError(Exception):
 # Noise X0 ~ N(0, I) sits at t = 0 and data X1 at t = 1: images in [-1, 1], read by Part II, or a 2-D toy.
 
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals")
-
 
 def toy_data(name, n, seed=0):
     """n points of a 2-D toy distribution as a float tensor (n, 2); same seed, same points."""
@@ -103,7 +100,6 @@ def time_embedding(t, dim, scale=999.0, max_period=10_000):
     args = scale * t[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
-
 class MLP(nn.Module):
     """Velocity field for 2-D toys: an MLP on (x, embedding of 10·t); RK45 takes ~50 steps on it, ~400 with 999·t.
     two_times adds an embedding of a second time s (TraFlow) to the first layer."""
@@ -122,10 +118,8 @@ class MLP(nn.Module):
             h = h + self.s_proj(time_embedding(s, self.temb_dim, self.time_scale))
         return self.net[1:](h)
 
-
 def group_norm(ch):
     return nn.GroupNorm(min(ch // 4, 32), ch, eps=1e-6)
-
 
 def conv(ch_in, ch_out, kernel=3, zero=False, scale=1.0):
     """Convolution initialised as the official code: Xavier uniform of variance × scale, zero bias;
@@ -134,7 +128,6 @@ def conv(ch_in, ch_out, kernel=3, zero=False, scale=1.0):
     nn.init.zeros_(layer.weight) if zero else nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(scale))
     nn.init.zeros_(layer.bias)
     return layer
-
 
 class ResBlock(nn.Module):
     """BigGAN-type residual block: time-conditioned, optionally resampling 2x up or down."""
@@ -161,7 +154,6 @@ class ResBlock(nn.Module):
             x = self.shortcut(x)
         return (x + h) / math.sqrt(2)  # rescaled skip keeps the variance of deep stacks at 1
 
-
 class Attention(nn.Module):
     """Self-attention over all positions, single head; the residual is rescaled by 1/√2."""
 
@@ -178,7 +170,6 @@ class Attention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ/√c)·v
         h = self.proj(h.transpose(1, 2).reshape(b, c, hh, ww))
         return (x + h) / math.sqrt(2)
-
 
 class UNet(nn.Module):
     """DDPM++ U-Net of the official (Rectified Flow / SlimFlow) code: level i has nf·ch_mult[i] channels,
@@ -238,7 +229,6 @@ class UNet(nn.Module):
                 skips.append(h)
         return self.out_conv(F.silu(self.out_norm(h)))
 
-
 class OneStepGenerator(nn.Module):
     """The SlimFlow generator G(z) = z + u(z, eps), u of the 2-rectified flow's architecture, from its weights."""
 
@@ -258,20 +248,16 @@ class OneStepGenerator(nn.Module):
 def broadcast_time(t, x):
     return t.view(-1, *[1] * (x.dim() - 1))
 
-
 def interpolate(x0, x1, t):
     t = broadcast_time(t, x1)
     return t * x1 + (1 - t) * x0
-
 
 def sample_time(x):
     """One training time per example of x, uniform on [eps, 1]."""
     return EPS + (1 - EPS) * torch.rand(len(x), device=x.device, dtype=x.dtype)
 
-
 def _at(t, z):
     return torch.full((len(z),), float(t), device=z.device, dtype=z.dtype)
-
 
 @torch.no_grad()
 def euler_sample(velocity, z, n=1, eps=EPS, trajectory=False):
@@ -282,12 +268,10 @@ def euler_sample(velocity, z, n=1, eps=EPS, trajectory=False):
         path.append(x)
     return (x, n, torch.stack(path)) if trajectory else (x, n)
 
-
 @torch.no_grad()
 def one_step_sample(velocity, z, eps=EPS, trajectory=False):
     """X1 ≈ X0 + (1 - eps)·v(X0, eps): exact when the flow's paths are straight."""
     return euler_sample(velocity, z, 1, eps, trajectory)
-
 
 @torch.no_grad()
 def heun_sample(velocity, z, n=1, eps=EPS, trajectory=False):
@@ -301,7 +285,6 @@ def heun_sample(velocity, z, n=1, eps=EPS, trajectory=False):
         x = x + h * d
         path.append(x)
     return (x, 2 * n - 1, torch.stack(path)) if trajectory else (x, 2 * n - 1)
-
 
 @torch.no_grad()
 def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
@@ -321,9 +304,7 @@ def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
     x = path[-1].clone()  # not a view: saved alone, it does not carry the whole path
     return (x, sol.nfev, path) if trajectory else (x, sol.nfev)
 
-
 SAMPLERS = ("one_step", "euler", "heun", "rk45")
-
 
 def sample_with(velocity, z, sampler, nfe=1, rtol=1e-5, atol=1e-5):
     """Dispatch by name; nfe is the budget of the fixed-step samplers."""
@@ -345,11 +326,9 @@ def velocity_loss(net, x0, x1):
     t = sample_time(x1)
     return (net(interpolate(x0, x1, t), t) - (x1 - x0)).square().mean()
 
-
 class RectifiedFlowLoss:
     def __call__(self, net, x1, step):
         return velocity_loss(net, torch.randn_like(x1), x1), {}
-
 
 def annealing_beta(k, K, schedule="linear"):
     """β(k): 1 at step k = 0 (independent noise), falling to 0 (pure reflow) over K steps; K = 0: plain reflow."""
@@ -361,11 +340,9 @@ def annealing_beta(k, K, schedule="linear"):
         raise UsageError(f"unknown beta schedule {schedule!r}; choose linear, cosine or exponential")
     return betas[schedule]
 
-
 def mix_noise(z0, beta):
     """X0^β = sqrt(1 - β²)·Z0 + β·ε: still exactly N(0, I) when Z0 is."""
     return math.sqrt(1 - beta**2) * z0 + beta * torch.randn_like(z0)
-
 
 class AnnealingReflowLoss:
     """Reflow on (Z0, Z1), Z0 mixed with fresh noise by β(k): the student learns data first, then the coupling."""
@@ -378,19 +355,15 @@ class AnnealingReflowLoss:
         beta = annealing_beta(step, self.K, self.schedule)
         return velocity_loss(net, mix_noise(z0, beta), z1), {"beta": beta}
 
-
 def l2_distance(a, b):
     return (a - b).square().flatten(1).mean(1)
-
 
 def pseudo_huber_distance(a, b):
     """sqrt(‖a - b‖² + c²) - c, c = 0.00054·sqrt(d) as in improved consistency training: L2 near 0, L1 far."""
     c = 0.00054 * math.sqrt(a[0].numel())
     return ((a - b).square().flatten(1).sum(1) + c**2).sqrt() - c
 
-
 DISTANCES = {"l2": l2_distance, "huber": pseudo_huber_distance}
-
 
 class FlowGuidedDistillationLoss:
     """L = D(G(Z0), Z1) + λ·D(G(z), target(z)), with G(z) = z + u(z, eps); λ = 0 is naive distillation.
@@ -433,7 +406,6 @@ def traflow_map(model, x, t, s):
     """g(x_t, t, s): the state at time s reached from x at time t in one call."""
     return x + broadcast_time(s - t, x) * model(x, t, s)
 
-
 @torch.no_grad()
 def traflow_sample(model, z, steps=1, eps=EPS):
     """`steps` jumps of g along a uniform grid from eps to 1; NFE = steps."""
@@ -441,7 +413,6 @@ def traflow_sample(model, z, steps=1, eps=EPS):
     for t, s in zip(grid, grid[1:]):
         x = traflow_map(model, x, _at(t, x), _at(s, x))
     return x, steps
-
 
 class TraFlowLoss:
     """L = L_out + λ_v·L_vel + λ_c·L_cons on teacher pairs. phase_steps = K > 0: the first K steps train consistency
@@ -492,7 +463,6 @@ def sliced_wasserstein(a, b, num_projections=256, seed=0):
     pa, pb = (a @ theta).sort(dim=0).values, (b @ theta).sort(dim=0).values
     return (pa - pb).square().mean().sqrt().item()
 
-
 @torch.no_grad()
 def straightness(velocity, z, steps=100, eps=EPS):
     """S(v) = E ∫ ‖(Z1 - Z0) - v(Z_t, t)‖² dt along v's own Euler paths of `steps` steps from z: 0 when every
@@ -501,7 +471,6 @@ def straightness(velocity, z, steps=100, eps=EPS):
     chord = (x - z) / (1 - eps)  # the constant velocity of the straight path z -> x
     velocities = (path[1:] - path[:-1]) / ((1 - eps) / steps)
     return (chord - velocities).square().flatten(2).sum(2).mean().item()
-
 
 def tf1_resize(x, size):
     """Bilinear resize of (b, c, h, w) to size x size as TensorFlow 1 (the FID graph) does it: output pixel
@@ -513,7 +482,6 @@ def tf1_resize(x, size):
     (top, bottom, wy), (left, right, wx) = taps(x.shape[-2]), taps(x.shape[-1])
     x = x[..., left] + (x[..., right] - x[..., left]) * wx
     return x[..., top, :] + (x[..., bottom, :] - x[..., top, :]) * wy[:, None]
-
 
 def fid_inception(weights=None):
     """The FID Inception network, in eval mode: images in [-1, 1], any size, 1 or 3 channels -> (batch, 2048)
@@ -550,12 +518,10 @@ def fid_inception(weights=None):
         load_weights(net, weights, "FID Inception")
     return net.eval().requires_grad_(False)
 
-
 def gaussian_stats(features):
     """Mean and covariance (float64) of (n, d) features."""
     features = np.asarray(features, dtype=np.float64)
     return features.mean(0), np.cov(features, rowvar=False)
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """‖mu1 - mu2‖² + Tr(S1 + S2 - 2·(S1·S2)^½), the Fréchet distance of two Gaussians."""
@@ -657,13 +623,11 @@ def stage_teacher(cfg):
     train_stage(cfg, "teacher", v1, RectifiedFlowLoss(), training_data(cfg),
                 preview=lambda v, z: euler_sample(v, z, 8)[0])
 
-
 def stage_pairs(cfg):
     """The teacher's coupling: Z0 ~ N(0, I), and Z1 the end of v1's ODE from Z0, by RK45."""
     v1, _ = load_stage_network(cfg, "teacher")
     z0 = fixed_noise(cfg, cfg.num_pairs, "pairs")
     solve_pairs(cfg, z0, lambda z: rk45_sample(v1, z, rtol=cfg.rtol, atol=cfg.atol), v1)  # then saved
-
 
 def stage_reflow(cfg):
     """Annealing Reflow: a small 2-rectified flow v2, from random weights, on the pairs."""
@@ -671,7 +635,6 @@ def stage_reflow(cfg):
     v2 = build_model(cfg.model, cfg.shape)
     train_stage(cfg, "reflow", v2, AnnealingReflowLoss(cfg.anneal_steps, cfg.beta_schedule), load_pairs(cfg),
                 preview=lambda v, z: one_step_sample(v, z)[0])
-
 
 def stage_distill(cfg):
     """Flow-Guided Distillation: G(z) = z + u(z, eps), guided by v2 (its EMA weights) frozen.
@@ -683,7 +646,6 @@ def stage_distill(cfg):
     print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
           f"target {cfg.target_form}")
     train_stage(cfg, "distill", G, objective, load_pairs(cfg), preview=lambda g, z: g(z), model_name=ckpt["model_name"])
-
 
 def stage_traflow(cfg):
     """TraFlow from the teacher (or from v2: --traflow-from reflow) on its pairs. The student
@@ -715,7 +677,6 @@ def stage_traflow(cfg):
 
 IMAGE_DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "shapes")
 
-
 def shapes_images(n, size=32, seed=0):
     """Procedural images (offline), uint8 (n, 3, size, size): a disc, square, diamond or triangle on a plain ground."""
     rng = np.random.default_rng(seed)
@@ -731,7 +692,6 @@ def shapes_images(n, size=32, seed=0):
     background, colour = rng.integers(0, 256, (2, n, 3, 1, 1))
     return torch.from_numpy(np.where(mask[:, None], colour, background).astype(np.uint8))
 
-
 def read_idx_images(path):
     """The MNIST file format (idx3-ubyte, optionally gzipped) as uint8 (n, 1, h, w)."""
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
@@ -740,7 +700,6 @@ def read_idx_images(path):
     if len(raw) < 16 + n * h * w:
         raise UsageError(f"{path} is truncated: {(len(raw) - 16) // max(1, h * w)} of its {n} images; fetch it again")
     return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, 1, h, w)
-
 
 def image_dataset(name, data_dir, image_size=32, limit=None, seed=0, train=True):
     """Training images (train=False: the test set; a folder has none) as uint8 (n, c, image_size, image_size)."""
@@ -782,11 +741,9 @@ def image_dataset(name, data_dir, image_size=32, limit=None, seed=0, train=True)
         x = F.interpolate(x.float(), size=image_size, mode="bilinear", antialias=True).round().clamp(0, 255)
     return x.to(torch.uint8)
 
-
 def to_unit_range(x):
     """uint8 images to [-1, 1]; float data passes through."""
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
-
 
 class TrainingData:
     """The tensors of a pair (Z0, Z1) share indices and random horizontal flips: a flipped Gaussian is still
@@ -828,7 +785,6 @@ MLP_PRESETS = {"mlp-256x3": dict(hidden=256, depth=3), "mlp-128x3": dict(hidden=
                "mlp-96x3": dict(hidden=96, depth=3), "mlp-64x2": dict(hidden=64, depth=2),
                "mlp-32x2": dict(hidden=32, depth=2)}
 
-
 def build_model(name, data_shape, two_times=False):
     """A network from a preset name for data of shape (2,) or (c, h, w)."""
     if name in MLP_PRESETS and len(data_shape) == 1:
@@ -838,10 +794,8 @@ def build_model(name, data_shape, two_times=False):
     kind, names = ("toy", MLP_PRESETS) if len(data_shape) == 1 else ("image", PRESETS)
     raise UsageError(f"model {name!r} does not fit {kind} data; choose from {', '.join(names)}")
 
-
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
-
 
 def add_second_time(state_dict):
     """A one-time network's weights for its two-time (TraFlow) twin: s's embedding is a copy of t's, and both
@@ -858,14 +812,12 @@ def add_second_time(state_dict):
         state["net.0.weight"], state["s_proj.weight"] = w, w[:, dim:].clone()
     return state
 
-
 # Official checkpoints (the Rectified Flow and SlimFlow code) name the U-Net's modules by position in the
 # order ours are created, `all_modules.<i>` (see `ends` below), and a block's layers as below. Attention's
 # NIN layers store W as an (in, out) matrix applied as x·W: the transpose of a 1x1 convolution's weight.
 OFFICIAL_RESBLOCK = {"GroupNorm_0": "norm1", "Conv_0": "conv1", "Dense_0": "temb_proj",
                      "GroupNorm_1": "norm2", "Conv_1": "conv2", "Conv_2": "shortcut"}
 OFFICIAL_ATTENTION = {"GroupNorm_0": "norm", "NIN_0": "q", "NIN_1": "k", "NIN_2": "v", "NIN_3": "proj"}
-
 
 def official_names(keys, official):
     """{our tensor name: the official one} for a U-Net with these tensor names, official ones or ours."""
@@ -887,12 +839,10 @@ def official_names(keys, official):
                 names[f"{ours}.{param}"] = f"all_modules.{i}{theirs}.{their_param}"
     return names
 
-
 def to_official(state_dict):
     """Our U-Net tensor names -> the official ones (no `module.` prefix)."""
     names = official_names(state_dict, official=False)
     return {names[k]: v[:, :, 0, 0].t() if names[k].endswith(".W") else v for k, v in state_dict.items()}
-
 
 def from_official(state_dict):
     """Official U-Net tensor names -> ours; those with no counterpart (the `sigmas` buffer) are dropped, logged."""
@@ -924,10 +874,8 @@ def save_atomic(obj, path):
         tmp.unlink(missing_ok=True)
         raise
 
-
 def save_json(obj, path):
     save_atomic(lambda f: f.write(json.dumps(obj, indent=1).encode()), path)
-
 
 def read_json(path, default=None):
     """A JSON file of ours, or `default` when there is none; a corrupt one is a one-line error."""
@@ -938,14 +886,12 @@ def read_json(path, default=None):
     except ValueError:
         raise UsageError(f"{path} is corrupt (not JSON); move it away, then run again") from None
 
-
 def save_training(path, state, data):
     """A training checkpoint with every random state an exact continuation needs; rank 0 writes it."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng = {"data": data.generator.get_state(), "processes": gather({"torch": torch.get_rng_state(), "cuda": cuda})}
     if world()[0] == 0:
         save_atomic({"format": "slimflow", **state, "rng": rng}, path)
-
 
 def resume_training(checkpoint, meta, net, ema, opt, data, seed):
     """Load a training checkpoint into net, ema, opt and the random states; returns its step."""
@@ -969,10 +915,8 @@ def resume_training(checkpoint, meta, net, ema, opt, data, seed):
     print(f"[{meta['stage']}] resumed from {checkpoint} at step {step}")
     return step
 
-
 def last_good(checkpoint, saved):
     return f"Last good checkpoint: {checkpoint} (step {saved})" if saved is not None else "No checkpoint was written."
-
 
 def read_checkpoint(path, made_by=None, official_ok=False):
     """A slimflow checkpoint (or, official_ok, an official one: a dict with `model`) as a dict, else a UsageError."""
@@ -985,14 +929,12 @@ def read_checkpoint(path, made_by=None, official_ok=False):
         raise UsageError(f"{path} is not a slimflow checkpoint" + (" nor an official one" if official_ok else ""))
     return ckpt
 
-
 def load_file(path, what):
     """torch.load of tensors onto the CPU; a file that cannot be read is a one-line error."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UsageError(f"{path} is corrupt or not {what} file ({type(err).__name__})") from None
-
 
 def check_compatible(ckpt, path, dataset=None, model=None, shape=None):
     if dataset is not None and ckpt["dataset"] != dataset:
@@ -1002,7 +944,6 @@ def check_compatible(ckpt, path, dataset=None, model=None, shape=None):
         raise UsageError(f"{path} holds data of shape {held}, not {tuple(shape)}; another --image-size?")
     if model is not None and ckpt["model_name"] != model:
         raise UsageError(f"{path} holds a {ckpt['model_name']!r} network, not {model!r}")
-
 
 def check_tensors(found, expected, path):
     """Every expected tensor, with its shape (BatchNorm's counters may be missing), and no other."""
@@ -1015,14 +956,12 @@ def check_tensors(found, expected, path):
     if extra := [k for k in found if k not in expected]:
         raise UsageError(f"{path}: tensors with no place in the network: {', '.join(extra[:5])}")
 
-
 def load_weights(net, weights, what):
     """A state dict, or a file of one, into net after check_tensors."""
     state = weights if isinstance(weights, dict) else load_file(weights, f"a {what} weights")
     check_tensors(state, net.state_dict(), f"{what} weights")
     net.load_state_dict(state, strict=False)
     return net
-
 
 def load_checkpoint(path, model, ckpt=None, weights="ema"):
     """`model` with a checkpoint's EMA weights (weights="model": the raw ones), from a slimflow file or an
@@ -1043,7 +982,6 @@ def load_checkpoint(path, model, ckpt=None, weights="ema"):
     model.load_state_dict(from_official(state))
     return model
 
-
 def network_from_checkpoint(ckpt, device, weights="ema"):
     """A slimflow checkpoint's EMA network (weights="model": the raw one); a OneStepGenerator for distill."""
     net = build_model(ckpt["model_name"], tuple(ckpt["data_shape"]), two_times=ckpt["stage"] == "traflow")
@@ -1059,24 +997,19 @@ STAGE_FILES = ("teacher", "pairs", "reflow", "distill", "traflow")  # each write
 FLOW_STAGES = ("teacher", "reflow", "distill")
 SAMPLE_SOURCES = FLOW_STAGES + ("traflow",)
 
-
 def out_path(cfg, stage):
     return Path(cfg.out) / f"{stage}.pt"
 
-
 def make_command(cfg, stage):
     return f"--dataset {cfg.dataset} --out {cfg.out} --stage {stage}"
-
 
 # Fixed noise: one stream per use (seed + offset), apart from process r's training noise (seed + r).
 # The pairs' Z0 are training data (G learns G(Z0) = Z1 on them): samples, previews and FID never reuse them.
 NOISE_STREAMS = {"pairs": 10**6, "samples": 10**6 + 1, "trajectories": 10**6 + 3, "eval": 10**6 + 4}
 
-
 def fixed_noise(cfg, n, stream):
     """n draws of X0 ~ N(0, I) in the data's shape, on the host: the same in every run and process."""
     return torch.randn(n, *cfg.shape, generator=torch.Generator().manual_seed(cfg.seed + NOISE_STREAMS[stream]))
-
 
 def training_data(cfg):
     if cfg.toy:  # a large fixed pool of points stands in for the distribution
@@ -1090,13 +1023,11 @@ def training_data(cfg):
     print(f"[data] {cfg.dataset}: {len(x)} images of shape {tuple(x.shape[1:])}")
     return TrainingData(x, flip=cfg.flip, device=cfg.device, seed=cfg.seed)
 
-
 def load_pairs(cfg):
     path = out_path(cfg, "pairs")
     pairs = read_checkpoint(path, made_by=make_command(cfg, "pairs"))
     check_compatible(pairs, path, cfg.dataset, shape=cfg.shape)
     return TrainingData(pairs["z0"], pairs["z1"], flip=cfg.flip and not cfg.toy, device=cfg.device, seed=cfg.seed)
-
 
 def load_stage_network(cfg, stage, weights="ema"):
     """A stage's EMA network (or raw one: weights="model") and checkpoint: from --teacher-ckpt or
@@ -1116,10 +1047,8 @@ def load_stage_network(cfg, stage, weights="ema"):
     check_compatible(ckpt, path, cfg.dataset, shape=cfg.shape)
     return network_from_checkpoint(ckpt, cfg.device, weights), ckpt
 
-
 LPIPS_URLS = ("https://download.pytorch.org/models/vgg16-397923af.pth",  # VGG16 on ImageNet, torchvision's
               "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth")
-
 
 def lpips_network(weights=None):
     """LPIPS v0.1 on VGG16, as lpips.LPIPS(net="vgg") computes it and with its layout: images in
@@ -1154,7 +1083,6 @@ def lpips_network(weights=None):
     net = LPIPS() if weights is None else load_weights(LPIPS(), weights, "LPIPS")
     return net.eval().requires_grad_(False)
 
-
 def lpips_distance(cfg):
     """The official distillation distance: LPIPS at 64x64 (bilinear, align_corners=True; grey as RGB), with
     --lpips-weights or torchvision's VGG16 and LPIPS v0.1's layers, downloaded once into <data-dir>/lpips."""
@@ -1175,7 +1103,6 @@ def lpips_distance(cfg):
         return net(a, b)
     return distance
 
-
 def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
     """train() in cfg's settings, checkpointed to --out, with previews of preview(ema, z); returns the EMA."""
     model_name = model_name or (cfg.teacher_model if stage == "teacher" else cfg.model)
@@ -1192,7 +1119,6 @@ def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
                  meta=dict(stage=stage, dataset=cfg.dataset, model_name=model_name, data_shape=list(cfg.shape)),
                  resume=cfg.resume, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, preview_every=cfg.preview_every,
                  preview=lambda ema, step: save_preview(preview(ema, z), folder / f"{stage}_{step:07d}.png", cfg))
-
 
 def save_preview(x, path, cfg):
     """A PNG of samples: an image grid, or a 2-D scatter over the data."""
@@ -1289,20 +1215,16 @@ def start_processes(device):
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")  # errors still reach stderr from every process
 
-
 def stop_processes():
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
 def world():  # (rank of this process, number of processes): (0, 1) without torchrun
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 
 def barrier():  # e.g. until rank 0 has written a file that the others read
     if dist.is_initialized():
         dist.barrier()
-
 
 def gather(obj):  # [obj of rank 0, obj of rank 1, ...] on every process
     objs = [obj] * world()[1]
@@ -1310,16 +1232,13 @@ def gather(obj):  # [obj of rank 0, obj of rank 1, ...] on every process
         dist.all_gather_object(objs, obj)
     return objs
 
-
 def first_bad_step(bad_step):  # the first non-finite step over all processes: all stop together
     if dist.is_initialized():
         dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
     return int(bad_step)
 
-
 def bf16_autocast(device, precision):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
 
 def training_view(net, device, compile=False):
     """What the objective calls: net, under DDP with several processes (which broadcasts rank 0's weights
@@ -1344,22 +1263,18 @@ def generate(net, stage, z, cfg, sampler=None):
         return traflow_sample(net, z, cfg.nfe)
     return sample_with(net, z, sampler or cfg.sampler, cfg.nfe, cfg.rtol, cfg.atol)
 
-
 def generate_all(net, stage, cfg, sampler=None):
     """cfg.num_samples samples from seeded noise, in batches of --pairs-batch; and the NFE."""
     z = fixed_noise(cfg, cfg.num_samples, "samples")
     batches = [generate(net, stage, zb.to(cfg.device), cfg, sampler) for zb in z.split(cfg.pairs_batch)]
     return torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
 
-
 def pick_stage(cfg):
     """--from, or the latest stage with a checkpoint."""
     return cfg.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(cfg, s).exists()), "teacher")
 
-
 def sampler_name(stage, nfe, sampler):
     return {"distill": "generator", "traflow": f"{nfe} jump" + "s" * (nfe > 1)}.get(stage, sampler)
-
 
 def stage_sample(cfg):
     stage = pick_stage(cfg)
@@ -1370,10 +1285,8 @@ def stage_sample(cfg):
     print(f"[sample] {len(x)} samples from {stage} ({sampler_name(stage, nfe, cfg.sampler)}, NFE {nfe}) -> {path} "
           f"and {path.with_suffix('.png')}")
 
-
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-
 
 def download(url, folder, what, flag):
     """The file at url, kept in folder: downloaded once, with a progress line; offline, a one-line error."""
@@ -1395,7 +1308,6 @@ def download(url, folder, what, flag):
             raise UsageError(f"could not download {what} ({err}); download {url} and put it at {path.resolve()}, "
                              f"or pass {flag} PATH") from None
     return path
-
 
 def fid_metric(cfg, extractor=None):
     """fid(x): the FID of images x against the training set. Everything it needs is ready before the first
@@ -1434,7 +1346,6 @@ def fid_metric(cfg, extractor=None):
     return lambda x: frechet_distance(*features((255 * (x.clamp(-1, 1) + 1) / 2).to(torch.uint8), "samples"),
                                       mu_real, sigma_real)
 
-
 def laplacian_swd(x, y, max_images=1000, patches=128, seed=0):
     """PGGAN's multi-scale SWD between image sets (uint8 or in [-1, 1]), with no pretrained weights: at each
     level of a Laplacian pyramid down to 16x16, 7x7 patches at `patches` random places per image, each channel
@@ -1459,7 +1370,6 @@ def laplacian_swd(x, y, max_images=1000, patches=128, seed=0):
         distances.append(sliced_wasserstein(*sets, num_projections=128, seed=seed))
     return 1e3 * float(np.mean(distances))
 
-
 def count_macs(model, *inputs):
     """Multiply-accumulates per sample of model(*inputs), from torch's FLOP counter (2 FLOPs a MAC): `attention`
     inside attention blocks (q/k/v/output projections, both matrix products), `conv` and `linear` outside, `total`."""
@@ -1475,7 +1385,6 @@ def count_macs(model, *inputs):
     conv = macs(flops["Global"], "convolution") - sum(macs(ops, "convolution") for ops in inside)
     return {"conv": conv, "linear": total - conv - attention, "attention": attention, "total": total}
 
-
 def samples_per_second(sample_fn, z, repeats=3):
     """Throughput of sample_fn on the batch z: the best of a few timed runs, after a warm-up."""
     sync = torch.cuda.synchronize if z.is_cuda else lambda: None
@@ -1487,11 +1396,9 @@ def samples_per_second(sample_fn, z, repeats=3):
         seconds.append(time.perf_counter() - tic)
     return len(z) / min(seconds[1:])
 
-
 def si(n):
     """12345678 -> '12.35M'."""
     return next(f"{n / 10**e:.2f}{u}" for e, u in ((9, "G"), (6, "M"), (3, "K"), (0, "")) if n >= 10**e or e == 0)
-
 
 def evaluate(cfg, stage, net, sampler, method=None, fid=None):
     """One row of the paper's table (see print_table) for a stage's network and sampler, with FLOPs and
@@ -1514,7 +1421,6 @@ def evaluate(cfg, stage, net, sampler, method=None, fid=None):
     row["samples_per_s"] = samples_per_second(lambda zb: generate(net, stage, zb, cfg, sampler), z, repeats=2)
     return row
 
-
 def print_table(cfg, rows):
     """The paper's table (#params, NFE, FID and SWD on images, MACs, straightness, samples/s); on a toy,
     SW2 against its floor (between two draws of the data: no model beats it), which it returns."""
@@ -1531,7 +1437,6 @@ def print_table(cfg, rows):
               f"{si(r['macs']):>9s}{r.get('straightness', math.nan):10.4f}{r['samples_per_s']:11.0f}")
     return floor
 
-
 def stage_eval(cfg, extractor=None):
     """The table row of one stage (--from) and sampler, printed and merged into <out>/metrics.json."""
     stage, path = pick_stage(cfg), Path(cfg.out) / "metrics.json"
@@ -1544,7 +1449,6 @@ def stage_eval(cfg, extractor=None):
     save_json(metrics, path)
     print(f"[eval] -> {path}")
     return row
-
 
 def stage_all(cfg):
     """The whole pipeline (a stage given by --teacher-ckpt or --init-ckpt is not trained); then on a toy,
@@ -1575,7 +1479,6 @@ def stage_all(cfg):
         for stage, sampler in zip(FLOW_STAGES, ("rk45", "one_step", "one_step")):
             stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))  # replaced
     print(f"[all] done in {time.time() - tic:.0f}s; outputs in {cfg.out}")
-
 
 def plot_trajectories(cfg, teacher, flow2, generator, n=300):
     """Noise-to-data paths: curved for the teacher, nearly straight after reflow, one jump for the generator."""
@@ -1691,13 +1594,11 @@ DEFAULTS = {
                    steps=dict(teacher=2000, reflow=1000, distill=500, traflow=500)),
 }
 
-
 class Settings(types.SimpleNamespace):
     """Every setting of one stage's run, read-only; `given` holds the flags the user gave."""
 
     def __setattr__(self, name, value):
         raise AttributeError(f"settings are never changed ({name}); build others with settings_for()")
-
 
 def settings_for(given, stage=None):
     """The settings of `stage` (default: the one given): DEFAULTS for every run, the data's kind and the stage,
@@ -1729,7 +1630,6 @@ def settings_for(given, stage=None):
             raise UsageError(f"--image-size {size}: {name} needs a multiple of {multiple}, at least 8")
     return Settings(**merged, given=types.MappingProxyType(dict(given)))
 
-
 def number(kind, strict=True, below=None):
     """An argparse type: a finite `kind` > 0 (strict) or >= 0, and below `below` when given."""
     def parse(text):
@@ -1744,11 +1644,9 @@ def number(kind, strict=True, below=None):
     parse.__name__ = kind.__name__  # argparse says "invalid int value: 'x'"
     return parse
 
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2 (through main), not a usage dump
         raise UsageError(message)
-
 
 def parse_args(argv=None):
     """The command line's settings. The defaults live in DEFAULTS: argparse records only the flags given."""
@@ -1809,7 +1707,6 @@ def parse_args(argv=None):
         p.add_argument(flag, **how, help=help)
     return settings_for(vars(p.parse_args(argv)))
 
-
 def resolve_device(name):
     """A device name that works here; under torchrun, a GPU means this process's own one."""
     if name == "auto":
@@ -1824,16 +1721,13 @@ def resolve_device(name):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return name
 
-
 def resolve_precision(precision, device):
     """bf16 autocast by default on GPUs that support it, float32 elsewhere."""
     return precision or ("bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
 
-
 STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow, "distill": stage_distill,
           "traflow": stage_traflow, "sample": stage_sample, "eval": stage_eval, "bench": stage_bench,
           "all": stage_all}
-
 
 def run_stage(cfg):
     """One stage, after the checks that need no work: a finished stage is never silently replaced."""
@@ -1845,7 +1739,6 @@ def run_stage(cfg):
         raise UsageError(f"{samples} exists; pass --overwrite to replace it")
     torch.manual_seed(cfg.seed)  # the networks' initial weights
     return STAGES[cfg.stage](cfg)
-
 
 def lock_run_directory(cfg):
     """Make --out, and lock it for this run: a second run on it is refused, naming this one's process. The lock
@@ -1869,7 +1762,6 @@ def lock_run_directory(cfg):
     lock.flush()
     return lock
 
-
 def main(argv=None):
     lock = None
     try:
@@ -1892,7 +1784,6 @@ def main(argv=None):
         if lock:
             lock.close()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

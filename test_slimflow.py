@@ -50,10 +50,8 @@ FID_LAYOUT = (566, "760681d791cb624e1bf7a2e802a68933dd17aa5e3109fcf498d9dfa521bc
     "Conv2d_1a_3x3.bn.num_batches_tracked ()", "Mixed_7c.branch_pool.conv.weight (192, 2048, 1, 1)",
     "fc.weight (1008, 2048)", "fc.bias (1008,)"])
 
-
 def layout_lines(state_dict):
     return [f"{name} {tuple(tensor.shape)}" for name, tensor in state_dict.items()]
-
 
 def sha256_of_lines(lines):
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
@@ -76,19 +74,16 @@ def test_unet_maps_images_to_velocities_of_same_shape():
     x = torch.randn(2, 1, 16, 16)
     assert net(x, torch.rand(2)).shape == x.shape
 
-
 def test_unet_starts_at_zero_velocity():
     # zero-initialised output convolution, as in the official code
     net = sf.UNet(**sf.PRESETS["unet-micro"])
     assert net(torch.randn(2, 3, 32, 32), torch.rand(2)).abs().max() == 0
-
 
 def test_time_embedding_is_sines_then_cosines_of_999t():
     t = torch.tensor([0.0, 0.5])
     emb = sf.time_embedding(t, 8)
     assert torch.allclose(emb[:, 0], torch.sin(999 * t)) and torch.allclose(emb[:, 4], torch.cos(999 * t))
     assert torch.allclose(emb[:, 3], torch.sin(999 * t * 1e-4), atol=1e-6)  # lowest frequency 1/10000
-
 
 def test_fresh_blocks_compute_exactly_their_rescaled_identity():
     # zero-initialised output convolutions: a new block adds nothing to its input, (x + 0)/√2
@@ -101,7 +96,6 @@ def test_fresh_blocks_compute_exactly_their_rescaled_identity():
         skip = F.conv2d(resized, block.shortcut.weight, block.shortcut.bias)
         torch.testing.assert_close(block(x, temb), skip / math.sqrt(2), rtol=0, atol=1e-6)
 
-
 class AffineField(torch.nn.Module):
     """v(x, t) = b + c·t + k·x in float64, with b a parameter (so gradients can be read)."""
 
@@ -111,7 +105,6 @@ class AffineField(torch.nn.Module):
 
     def forward(self, x, t):
         return self.b + self.c * t[:, None].double() + self.k * x
-
 
 def test_the_generator_is_z_plus_u_at_time_eps():
     z = torch.randn(5, 2, dtype=torch.float64)
@@ -126,10 +119,8 @@ def test_the_generator_is_z_plus_u_at_time_eps():
 def constant_field(c):
     return lambda x, t: torch.full_like(x, c)
 
-
 def linear_field(a):
     return lambda x, t: a * x
-
 
 @pytest.mark.parametrize("n", [1, 3, 10])
 def test_euler_is_exact_on_a_constant_field(n):
@@ -138,12 +129,10 @@ def test_euler_is_exact_on_a_constant_field(n):
     assert nfe == n
     assert torch.allclose(x, z + 0.7 * (1 - sf.EPS), atol=1e-12, rtol=0)
 
-
 def test_one_step_is_one_euler_step():
     z = torch.randn(5, 2, dtype=torch.float64)
     x, nfe = sf.one_step_sample(linear_field(-0.5), z)
     assert nfe == 1 and torch.allclose(x, z * (1 - 0.5 * (1 - sf.EPS)), atol=1e-12, rtol=0)
-
 
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_euler_and_heun_match_their_closed_forms_on_a_linear_field(n):
@@ -154,7 +143,6 @@ def test_euler_and_heun_match_their_closed_forms_on_a_linear_field(n):
     expected = z * (1 + a * h + (a * h) ** 2 / 2) ** (n - 1) * (1 + a * h)
     assert nfe == 2 * n - 1 and torch.allclose(x, expected, atol=1e-12, rtol=0)
 
-
 def test_rk45_solves_a_nonlinear_ode_within_its_tolerance():
     z = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
     exact = z / torch.sqrt(1 + 2 * z**2 * (1 - sf.EPS))
@@ -164,12 +152,10 @@ def test_rk45_solves_a_nonlinear_ode_within_its_tolerance():
     x_loose, nfe_loose = sf.rk45_sample(lambda x, t: -x**3, z, rtol=1e-3, atol=1e-3)
     assert nfe_loose < nfe and (x_loose - exact).abs().max() < 1e-2
 
-
 def test_rk45_stops_at_a_velocity_that_is_not_finite():  # scipy alone would shrink its step forever
     diverged = lambda x, t: torch.where(t[:, None] > 0.5, float("nan"), x)  # noqa: E731
     with pytest.raises(sf.TrainingError, match=r"not finite at t = 0\.[5-9]"):
         sf.rk45_sample(diverged, torch.randn(4, 2))
-
 
 def test_trajectories_run_from_noise_to_sample():
     z = torch.randn(6, 2)
@@ -178,13 +164,11 @@ def test_trajectories_run_from_noise_to_sample():
         x, _, path = sample(linear_field(0.3), z)
         assert path.shape == (steps, 6, 2) and torch.equal(path[0], z) and torch.equal(path[-1], x)
 
-
 def test_samplers_pass_time_of_shape_batch():
     seen = []
     sf.rk45_sample(lambda x, t: seen.append(t.shape) or x * 0, torch.zeros(3, 2))
     sf.heun_sample(lambda x, t: seen.append(t.shape) or x * 0, torch.zeros(3, 2), 2)
     assert set(seen) == {(3,)}
-
 
 # Fields that depend on time, so that a sampler that reads v at the wrong time, or starts
 # at 0 instead of eps, lands elsewhere. The grid is t_i = eps + i·h, h = (1 - eps)/n.
@@ -196,15 +180,12 @@ def test_samplers_pass_time_of_shape_batch():
 def time_field(x, t):
     return t[:, None].to(x.dtype).expand_as(x)
 
-
 def time_times_z_field(x, t):
     return t[:, None].to(x.dtype) * x
-
 
 def grid(n):
     h = (1 - sf.EPS) / n
     return h, [sf.EPS + i * h for i in range(n)]
-
 
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_euler_and_heun_on_fields_that_depend_on_time(n):
@@ -220,7 +201,6 @@ def test_euler_and_heun_on_fields_that_depend_on_time(n):
     factor = math.prod(1 + h / 2 * (t + (t + h) * (1 + h * t)) for t in ts[:-1]) * (1 + h * ts[-1])
     torch.testing.assert_close(x, z * factor, rtol=0, atol=1e-12)
 
-
 @pytest.mark.parametrize("nfe, steps", [(1, 1), (3, 2), (4, 2), (5, 3)])
 def test_heun_spends_an_nfe_budget_of_2n_minus_1(nfe, steps):
     z = torch.zeros(2, 1, dtype=torch.float64)
@@ -229,12 +209,10 @@ def test_heun_spends_an_nfe_budget_of_2n_minus_1(nfe, steps):
     assert used == 2 * steps - 1
     torch.testing.assert_close(x, z + sum(h * (t + h / 2) for t in ts[:-1]) + h * ts[-1], rtol=0, atol=1e-12)
 
-
 def test_two_euler_steps_of_dz_dt_equal_t_by_hand():
     # h = 0.4995, t = 0.001 and 0.5005: Z + 0.4995·0.5015 = Z + 0.25049925 (exact: Z + 0.4999995)
     x, nfe = sf.euler_sample(time_field, torch.zeros(1, 1, dtype=torch.float64), 2)
     assert nfe == 2 and x.item() == pytest.approx(0.25049925, abs=1e-15)
-
 
 def test_one_step_reads_the_field_at_eps():
     z = torch.randn(6, 2, dtype=torch.float64)
@@ -242,14 +220,12 @@ def test_one_step_reads_the_field_at_eps():
     assert nfe == 1
     torch.testing.assert_close(x, z + (1 - sf.EPS) * sf.EPS * (z + 1), rtol=0, atol=1e-14)
 
-
 def test_rk45_integrates_from_eps_to_one():
     z = torch.randn(5, 2, dtype=torch.float64)
     x, _ = sf.rk45_sample(time_field, z)  # RK45 is exact on a field linear in t
     torch.testing.assert_close(x, z + (1 - sf.EPS**2) / 2, rtol=0, atol=1e-10)
     x, _ = sf.rk45_sample(time_times_z_field, z, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(x, z * math.exp((1 - sf.EPS**2) / 2), rtol=0, atol=1e-6)
-
 
 def test_training_times_are_uniform_on_eps_to_one():
     t = sf.sample_time(torch.empty(10**6, dtype=torch.float64))
@@ -266,7 +242,6 @@ def test_flow_loss_is_zero_for_the_exact_velocity_of_a_point_mass():
     loss, _ = sf.RectifiedFlowLoss()(lambda x, t: (m - x) / (1 - t[:, None]), x1, 0)
     assert loss.item() < 1e-20
 
-
 @pytest.mark.parametrize("schedule, at_half, at_end, at_twice", [
     ("linear", 0.5, 0.0, 0.0),
     ("cosine", 0.5, 0.0, 0.0),
@@ -280,11 +255,9 @@ def test_annealing_beta_at_its_endpoints(schedule, at_half, at_end, at_twice):
     assert sf.annealing_beta(2 * K, K, schedule) == pytest.approx(at_twice, abs=1e-12)
     assert sf.annealing_beta(0, 0, schedule) == 0.0  # K = 0: plain reflow
 
-
 def test_cosine_beta_is_monotone():
     betas = [sf.annealing_beta(k, 100, "cosine") for k in range(0, 120, 5)]
     assert all(a >= b for a, b in zip(betas, betas[1:]))
-
 
 @pytest.mark.parametrize("schedule, beta", [("linear", 0.75), ("cosine", (1 + math.cos(math.pi / 4)) / 2),
                                             ("exponential", math.exp(-0.25))])
@@ -296,7 +269,6 @@ def test_annealing_reflow_blends_the_noise_by_beta_of_the_step(schedule, beta):
     assert logs["beta"] == pytest.approx(beta, abs=1e-12)
     assert loss.item() == pytest.approx(beta**2, rel=0.02)
 
-
 def test_annealing_reflow_regresses_onto_the_blended_noise():
     # v(x, t) = (Z1 - x)/(1 - t) is the exact velocity toward Z1 from wherever X_t lies, so the
     # loss vanishes only if X_t and the target X1 - X0^β use the same blended X0^β
@@ -306,7 +278,6 @@ def test_annealing_reflow_regresses_onto_the_blended_noise():
     for step in (0, 300, 1000):
         assert sf.AnnealingReflowLoss(1000)(toward_z1, (z0, z1), step)[0].item() < 1e-12
 
-
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.8, 1.0])
 def test_noise_mix_keeps_unit_variance(beta):
     torch.manual_seed(0)
@@ -315,7 +286,6 @@ def test_noise_mix_keeps_unit_variance(beta):
     assert x0.var().item() == pytest.approx(1.0, abs=0.01)
     assert (x0 * z0).mean().item() == pytest.approx(math.sqrt(1 - beta**2), abs=0.01)  # keeps the coupling
 
-
 def test_reflow_loss_is_zero_for_a_perfect_student_once_beta_is_zero():
     c = torch.tensor([0.5, -1.0], dtype=torch.float64)
     z0 = torch.randn(128, 2, dtype=torch.float64)
@@ -323,7 +293,6 @@ def test_reflow_loss_is_zero_for_a_perfect_student_once_beta_is_zero():
     perfect = lambda x, t: c.expand_as(x)  # noqa: E731 -- the straight coupling Z1 = Z0 + c
     assert loss_fn(perfect, (z0, z0 + c), 10)[0].item() < 1e-20
     assert loss_fn(perfect, (z0, z0 + c), 0)[0].item() > 0.1  # β = 1: independent noise, not the pair
-
 
 @pytest.mark.parametrize("form", ["paper", "official"])
 @pytest.mark.parametrize("distance", ["l2", "huber"])
@@ -338,11 +307,9 @@ def test_distillation_loss_is_zero_for_a_perfect_generator(form, distance):
     loss, logs = loss_fn(generator, (z0, z0 + c), 0)
     assert loss.item() < 1e-12 and set(logs) == {"pair", "reg"}
 
-
 def uniform_mean(f, lo, hi):
     """E f(s) for s ~ U(lo, hi), by quadrature."""
     return scipy.integrate.quad(f, lo, hi)[0] / (hi - lo)
-
 
 # Flow-Guided Distillation with a student u and a guide v2 that differ and read their inputs:
 #   u(z, t) = a + 100·t, so G(z) = z + u0 with u0 = a + 0.1;   v2(x, t) = b + c·t + k·x.
@@ -354,7 +321,6 @@ def uniform_mean(f, lo, hi):
 # The target is under stop-gradient, so the gradient in a is that of D through G alone:
 # 2/d·(mean(u0 - c1) + λ·E[A]) per coordinate, d = 2.
 A_, B_, C_, K_, C1 = [0.3, -0.5], [1.0, 0.4], 2.0, 0.5, [0.7, -0.2]
-
 
 def distillation_terms(form):
     u0 = [a + 100 * sf.EPS for a in A_]
@@ -368,7 +334,6 @@ def distillation_terms(form):
     mean_A = [uniform_mean(lambda t: AB(j, t)[0], 0.2, 0.8) for j in range(2)]
     pair = np.mean([(u0[j] - C1[j]) ** 2 for j in range(2)])
     return pair, reg, mean_A, [u0[j] - C1[j] for j in range(2)]
-
 
 @pytest.mark.parametrize("form", ["official", "paper"])
 def test_flow_guided_distillation_by_its_closed_form(form):
@@ -387,11 +352,9 @@ def test_flow_guided_distillation_by_its_closed_form(form):
     expected_grad = [(pair_gap[j] + 0.5 * mean_A[j]) for j in range(2)]  # times 2/d = 1
     torch.testing.assert_close(u.b.grad, torch.tensor(expected_grad, dtype=torch.float64), rtol=0.02, atol=2e-3)
 
-
 def test_the_two_regularization_targets_differ_here():  # so that the test above tells them apart
     (_, official, *_), (_, paper, *_) = distillation_terms("official"), distillation_terms("paper")
     assert abs(official - paper) > 0.2 * max(official, paper)
-
 
 def test_distillation_sends_no_gradient_into_the_frozen_flow():
     torch.manual_seed(0)
@@ -403,7 +366,6 @@ def test_distillation_sends_no_gradient_into_the_frozen_flow():
     assert all(p.grad is None and not p.requires_grad for p in guide.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
 
-
 def test_naive_distillation_skips_the_regularizer():
     torch.manual_seed(0)
     calls = []
@@ -413,7 +375,6 @@ def test_naive_distillation_skips_the_regularizer():
     z0 = torch.randn(8, 2)
     _, logs = loss_fn(lambda z: z, (z0, z0 + 1), 0)
     assert calls == [] and set(logs) == {"pair"}
-
 
 def test_pseudo_huber_is_zero_at_equality_and_linear_far_away():
     a = torch.zeros(3, 4)
@@ -429,7 +390,6 @@ def test_traflow_map_is_the_identity_at_equal_times():
     x, t = torch.randn(8, 2), torch.rand(8)
     assert torch.equal(sf.traflow_map(model, x, t, t), x)
 
-
 def test_traflow_velocity_by_jvp_matches_a_finite_difference():
     torch.manual_seed(0)
     model = sf.MLP(hidden=32, depth=2, two_times=True).double()
@@ -438,7 +398,6 @@ def test_traflow_velocity_by_jvp_matches_a_finite_difference():
     _, dg_ds = torch.func.jvp(lambda s_: sf.traflow_map(model, x, t, s_), (s,), (torch.ones_like(s),))
     finite = (sf.traflow_map(model, x, t, s + h) - sf.traflow_map(model, x, t, s - h)) / (2 * h)
     assert (dg_ds - finite).abs().max() < 1e-3 and dg_ds.abs().max() > 1e-2
-
 
 @pytest.mark.parametrize("phases, step", [(0, 0), (10, 0), (10, 10)])
 @pytest.mark.parametrize("midpoint", ["student", "teacher"])
@@ -453,7 +412,6 @@ def test_traflow_losses_are_zero_for_a_student_of_an_exactly_straight_teacher(ph
     expected = {"out", "vel", "cons"} if phases == 0 else {"cons"} if step < phases else {"out", "vel"}
     assert set(logs) == expected
 
-
 class TwoTimeField(torch.nn.Module):
     """G(x, t, s) = alpha + kappa·s in float64, alpha a parameter: g(x, t, s) = x + (s - t)·G."""
 
@@ -464,11 +422,9 @@ class TwoTimeField(torch.nn.Module):
     def forward(self, x, t, s):
         return self.alpha + self.kappa * s[:, None] + 0 * x
 
-
 def traflow_mean(f):
     """E f(t, u) for t ~ U(eps, 1) and u = t + (1 - t)·r, r ~ U(0, 1), by quadrature."""
     return scipy.integrate.dblquad(lambda r, t: f(t, t + (1 - t) * r), sf.EPS, 1, 0, 1)[0] / (1 - sf.EPS)
-
 
 # TraFlow with a student G = alpha + kappa·s, a teacher v(x, t) = beta + mu·x and an EMA copy
 # G' = gamma + kappa'·s, all different, on pairs Z0 = Z1 = 0 (so x_t = 0). Per coordinate:
@@ -479,12 +435,10 @@ def traflow_mean(f):
 #                x_t + (u - t)·v(x_t, t) (teacher), and g* the student under stop-gradient or G'
 ALPHA, KAPPA, BETA, MU, GAMMA, KAPPA_EMA = [0.6, -0.3], 0.8, [-0.4, 0.9], 0.7, [0.2, 0.5], -0.6
 
-
 def consistency_gap(midpoint, target, j, t, u):
     x_u = (u - t) * (ALPHA[j] + KAPPA * u) if midpoint == "student" else (u - t) * BETA[j]
     g_target = (ALPHA[j] + KAPPA) if target == "stopgrad" else (GAMMA[j] + KAPPA_EMA)
     return (1 - t) * (ALPHA[j] + KAPPA) - x_u - (1 - u) * g_target
-
 
 @pytest.mark.parametrize("midpoint, target", [("teacher", "stopgrad"), ("student", "stopgrad"),
                                               ("student", "ema"), ("teacher", "ema")])
@@ -501,7 +455,6 @@ def test_traflow_consistency_by_its_closed_form(midpoint, target):
     grad = [traflow_mean(lambda t, u: consistency_gap(midpoint, target, j, t, u) * (1 - t)) for j in range(2)]
     torch.testing.assert_close(student.alpha.grad, torch.tensor(grad, dtype=torch.float64), rtol=0.03, atol=2e-3)
 
-
 def test_traflow_output_and_velocity_by_their_closed_form():
     torch.manual_seed(0)
     nu = -1.5  # the teacher v(x, t) = beta + nu·t + mu·x is read at the jump's end s
@@ -515,7 +468,6 @@ def test_traflow_output_and_velocity_by_their_closed_form():
     assert logs["out"].item() == pytest.approx(out, rel=1e-9)
     assert logs["vel"].item() == pytest.approx(vel, rel=0.03)
 
-
 def test_traflow_sampling_walks_the_uniform_grid():
     # G(x, t, s) = x·s: each jump multiplies by 1 + (s - t)·s, so the grid and the order of
     # (t, s) show in the product
@@ -527,7 +479,6 @@ def test_traflow_sampling_walks_the_uniform_grid():
         assert nfe == steps
         torch.testing.assert_close(x, z * factor, rtol=0, atol=1e-12)
 
-
 def test_traflow_output_term_is_a_mean_over_pairs():  # so that N processes take the global batch's step
     torch.manual_seed(0)
     loss_fn = sf.TraFlowLoss(sf.build_model("mlp-32x2", (2,)), phase_steps=1)
@@ -538,7 +489,6 @@ def test_traflow_output_term_is_a_mean_over_pairs():  # so that N processes take
     assert whole == pytest.approx(sum(halves) / 2, rel=1e-6)
     per_pair = (student(z0, torch.full((8,), sf.EPS), torch.ones(8)) * (1 - sf.EPS) + z0 - z1).square().mean(1).sqrt()
     assert whole == pytest.approx(per_pair.mean().item(), rel=1e-6)
-
 
 def test_traflow_velocity_runs_through_channels_last_attention():
     # channels_last makes SDPA pick a fused kernel, which has no forward-mode AD
@@ -558,11 +508,9 @@ def test_sliced_wasserstein_in_one_dimension_is_the_shift():
     assert sf.sliced_wasserstein(a, a + 0.25) == pytest.approx(0.25, abs=1e-9)
     assert sf.sliced_wasserstein(a, a.flip(0)) == 0.0  # order does not matter
 
-
 def test_sliced_wasserstein_rejects_sets_of_different_size():
     with pytest.raises(ValueError, match="equal-size"):
         sf.sliced_wasserstein(torch.randn(10, 2), torch.randn(11, 2))
-
 
 def test_straightness_is_zero_for_straight_paths_and_positive_for_curved_ones():
     z = torch.randn(64, 2, dtype=torch.float64)
@@ -577,7 +525,6 @@ def test_straightness_is_zero_for_straight_paths_and_positive_for_curved_ones():
     assert sf.straightness(linear_field(a), torch.ones(4, 2, dtype=torch.float64), steps=1000) == \
         pytest.approx(exact, rel=0.01)
 
-
 def test_straightness_of_dz_dt_equal_t_is_the_spread_of_the_euler_times():
     # the Euler path of dZ/dt = t moves at t_i on step i; its chord moves at their mean, so
     # S = d·Var(t_i) = d·h²·(n² - 1)/12
@@ -585,13 +532,11 @@ def test_straightness_of_dz_dt_equal_t_is_the_spread_of_the_euler_times():
     h = (1 - sf.EPS) / n
     assert sf.straightness(time_field, z, steps=n) == pytest.approx(2 * h**2 * (n**2 - 1) / 12, rel=1e-9)
 
-
 def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
     m1, m2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
     a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     # ‖m1 - m2‖² + Σ(√a - √b)² = (1 + 0 + 6.25) + (4 + 1 + 0) = 12.25
     assert sf.frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(12.25, rel=1e-10)
-
 
 def test_frechet_distance_of_non_diagonal_gaussians_is_the_closed_form():
     rng = np.random.default_rng(0)
@@ -604,7 +549,6 @@ def test_frechet_distance_of_non_diagonal_gaussians_is_the_closed_form():
     s = x @ x.T + 0.1 * np.eye(8)  # S2 = c²·S1: Tr(S1)·(1 - c)²
     assert sf.frechet_distance(np.zeros(8), s, np.zeros(8), 0.09 * s) == pytest.approx(np.trace(s) * 0.49, rel=1e-8)
 
-
 def test_frechet_distance_is_zero_for_identical_statistics_and_symmetric():
     rng = np.random.default_rng(2)
     mu1, s1 = sf.gaussian_stats(rng.standard_normal((200, 6)))
@@ -614,11 +558,9 @@ def test_frechet_distance_is_zero_for_identical_statistics_and_symmetric():
     mu, s = sf.gaussian_stats(rng.standard_normal((5, 20)))  # singular: fewer samples than dimensions
     assert abs(sf.frechet_distance(mu, s, mu, s)) < 1e-4
 
-
 def test_frechet_distance_refuses_a_complex_square_root():
     with pytest.raises(ValueError, match="imaginary"):
         sf.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
-
 
 def random_fid_weights():
     """A state dict laid out exactly as the published file (no num_batches_tracked)."""
@@ -630,18 +572,15 @@ def random_fid_weights():
             state[k] = 0.75 + 0.5 * torch.rand(state[k].shape, generator=g)
     return state
 
-
 @pytest.fixture(scope="module")
 def fid_net():
     return sf.fid_inception(random_fid_weights())
-
 
 def test_fid_network_has_the_reference_layout():
     entries, sha256, spelled_out = FID_LAYOUT
     lines = sorted(layout_lines(sf.fid_inception().state_dict()))
     assert len(lines) == entries and set(spelled_out) <= set(lines)
     assert sha256_of_lines(lines) == sha256
-
 
 def test_fid_network_sees_299_by_299_rgb_images(fid_net):
     seen = []
@@ -650,7 +589,6 @@ def test_fid_network_sees_299_by_299_rgb_images(fid_net):
         fid_net(torch.zeros(2, 1, 32, 32))
     hook.remove()
     assert seen == [(2, 3, 299, 299)]
-
 
 @pytest.mark.parametrize("image, size, expected", [
     ([[10., 30.], [50., 70.]], 4, [[10, 20, 30, 30], [30, 40, 50, 50], [50, 60, 70, 70], [50, 60, 70, 70]]),
@@ -662,7 +600,6 @@ def test_tf1_resize_samples_output_pixel_i_at_i_times_in_over_out(image, size, e
     x = torch.tensor(image)[None, None]
     assert torch.equal(sf.tf1_resize(x, size), torch.tensor(expected, dtype=torch.float32)[None, None])
 
-
 def test_fid_network_sees_8_bit_values_scaled_as_the_tensorflow_graph(fid_net):
     seen = []
     hook = fid_net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
@@ -672,7 +609,6 @@ def test_fid_network_sees_8_bit_values_scaled_as_the_tensorflow_graph(fid_net):
     row = seen[0][0, 0, 0]  # output column i samples at 2i/299: a ramp to column 1, then 255 for i >= 150
     assert row[0] == -1 and (row[1:150] > row[:149]).all() and torch.equal(row[150:].unique(), torch.tensor([127 / 128]))
 
-
 def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
     with torch.no_grad():
         rgb = fid_net(torch.rand(2, 3, 32, 32) * 2 - 1)
@@ -681,7 +617,6 @@ def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
     assert rgb.shape == f_grey.shape == (2, 2048) and torch.isfinite(rgb).all() and rgb.std() > 0
     torch.testing.assert_close(f_grey, f_repeated)
 
-
 def test_fid_network_pools_the_tensorflow_way(fid_net):
     with torch.no_grad():  # the pool branch is the last slice of each block's output
         x = torch.randn(1, 192, 9, 9)
@@ -689,7 +624,6 @@ def test_fid_network_pools_the_tensorflow_way(fid_net):
                                    fid_net.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
         x = torch.randn(1, 2048, 5, 5)
         torch.testing.assert_close(fid_net.Mixed_7c(x)[:, -192:], fid_net.Mixed_7c.branch_pool(F.max_pool2d(x, 3, 1, 1)))
-
 
 @pytest.mark.parametrize("change, match", [
     (lambda s: s.__setitem__("fc.weight", torch.zeros(1000, 2048)), "fc.weight"),
@@ -708,13 +642,11 @@ def test_fid_network_refuses_another_layout(change, match):
 TOY_TRAINING = dict(steps=20, batch_size=64, lr=1e-3, lr_warmup=100, grad_clip=1.0, ema_decay=0.999, log_every=10,
                     ckpt_every=10)  # TINY's, and the toy defaults
 
-
 def train_toy_teacher(out, objective, data, device="cpu", **options):
     """sf.train on a fresh mlp-64x2 teacher into <out>/teacher.pt, with TINY's settings or `options`."""
     meta = dict(stage="teacher", dataset="8gaussians", model_name="mlp-64x2", data_shape=[2])
     return sf.train(sf.build_model("mlp-64x2", (2,)).to(device), objective, data, device=device,
                     checkpoint=Path(out) / "teacher.pt", meta=meta, **{**TOY_TRAINING, **options})
-
 
 def test_checkpoint_round_trip_gives_the_same_network(tmp_path):
     torch.manual_seed(0)
@@ -723,12 +655,10 @@ def test_checkpoint_round_trip_gives_the_same_network(tmp_path):
     x, t = torch.randn(7, 2), torch.rand(7)
     assert torch.equal(loaded(x, t), ema(x, t))
 
-
 class Weights(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-
 
 def adam_reference(w, gradients, lrs, clip):
     """Adam (β = 0.9, 0.999, eps 1e-8, no weight decay) with gradients clipped to norm `clip`,
@@ -740,7 +670,6 @@ def adam_reference(w, gradients, lrs, clip):
         w = w - lr * (m / (1 - 0.9**k)) / (np.sqrt(v / (1 - 0.999**k)) + 1e-8)
         out.append(w)
     return out
-
 
 @pytest.mark.parametrize("ema_decay", [0.2, 0.999])
 def test_two_training_steps_by_value(tmp_path, ema_decay):
@@ -762,14 +691,12 @@ def test_two_training_steps_by_value(tmp_path, ema_decay):
     unclipped = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=np.inf)[1]
     assert np.abs(unclipped - w2).min() > 1e-3  # clipping shows in the second step
 
-
 def nan_at(bad_step, rank=None):
     """The rectified-flow loss, made NaN at one step: in every process, or in process `rank`."""
     def poisoned(net, x1, step):
         loss, logs = sf.RectifiedFlowLoss()(net, x1, step)
         return (loss * float("nan") if step == bad_step and rank in (None, sf.world()[0]) else loss), logs
     return poisoned
-
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(sf.TrainingError, match=r"loss is not finite from step 7 on; stopped at step 10.*step 5\)"):
@@ -778,29 +705,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "teacher.pt.tmp").exists()
 
-
 TINY = ["--steps", "20", "--batch-size", "64", "--teacher-model", "mlp-64x2", "--model", "mlp-64x2",
         "--num-pairs", "256", "--log-every", "10", "--ckpt-every", "10", "--num-samples", "500"]
 
-
 def run(tmp_path, *argv):
     return sf.main(["--out", str(tmp_path), *TINY, *argv])
-
 
 def assert_one_line_error(capsys, pattern):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     assert pattern in err, err
 
-
 def state_of(path):
     ckpt = torch.load(path, weights_only=True)
     return ckpt["step"], ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"]
 
-
 def assert_same_tensors(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
 
 @pytest.mark.parametrize("stage", ["teacher", "reflow"])
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, stage):
@@ -819,12 +740,10 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, stage):
     for k in opt_a:
         assert_same_tensors(opt_a[k], opt_b[k])
 
-
 @pytest.fixture
 def teacher_run(tmp_path):
     assert run(tmp_path, "--stage", "teacher") == 0
     return tmp_path, (tmp_path / "teacher.pt").read_bytes()
-
 
 def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(teacher_run, monkeypatch, capsys):
     out, before = teacher_run
@@ -860,7 +779,6 @@ def test_all_stages_on_a_2d_toy(tmp_path, capsys):
                "--nfe", "2") == 0
     assert "NFE 2" in capsys.readouterr().out
 
-
 def test_the_default_run_s_generator_beats_one_euler_step_of_its_guide(tmp_path):
     # `python slimflow.py` with a tenth of its steps: the one-step generator is much closer to
     # the data than one Euler step of the 2-rectified flow that guides it (0.59x here; 0.68x in
@@ -871,12 +789,10 @@ def test_the_default_run_s_generator_beats_one_euler_step_of_its_guide(tmp_path)
     assert generator < 0.8 * sw2["2-rectified flow (one Euler step)"]
     assert generator < 0.5 * sw2["teacher, 1-RF (one Euler step)"]
 
-
 def last_log(out, stage):
     """{name: value} of the last training log line of `stage` in printed output."""
     line = [line for line in out.splitlines() if line.startswith(f"[{stage}] step ")][-1]
     return {k: float(v) for k, v in re.findall(r"([a-z]+) (-?\d+\.\d+)(?= |$)", line)}
-
 
 def test_distill_starts_the_student_from_raw_weights_and_guides_it_by_the_ema(tmp_path, monkeypatch):
     for stage in ("teacher", "pairs", "reflow"):
@@ -890,7 +806,6 @@ def test_distill_starts_the_student_from_raw_weights_and_guides_it_by_the_ema(tm
         assert torch.equal(value, reflow["model"][key]), key
     for key, value in seen["loss"].v2.state_dict().items():  # the frozen guide: the EMA
         assert torch.equal(value, reflow["ema"][key]), key
-
 
 def test_distill_stage_weighs_the_regularizer_by_reg_weight(tmp_path, capsys):
     # The student starts as the 2-rectified flow, so the regularizer starts near 0 and its printed value
@@ -910,7 +825,6 @@ def test_distill_stage_weighs_the_regularizer_by_reg_weight(tmp_path, capsys):
     for a, b in [(("0", "official"), ("0.5", "official")), (("0.5", "official"), ("0.5", "paper"))]:
         assert any(not torch.equal(students[a][k], students[b][k]) for k in students[a]), (a, b)
 
-
 def test_all_stages_on_shapes_images(tmp_path, capsys):
     argv = ["--dataset", "shapes", "--max-images", "64", "--teacher-model", "unet-micro", "--model", "unet-micro",
             "--steps", "3", "--batch-size", "4", "--num-pairs", "8", "--pairs-batch", "8", "--num-samples", "4",
@@ -924,7 +838,6 @@ def test_all_stages_on_shapes_images(tmp_path, capsys):
     pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
     assert pairs["z1"].shape == (8, 3, 32, 32)
 
-
 def test_all_with_a_given_teacher_trains_no_teacher(tmp_path, capsys):
     given = tmp_path / "given"
     assert run(given, "--stage", "teacher") == 0
@@ -932,7 +845,6 @@ def test_all_with_a_given_teacher_trains_no_teacher(tmp_path, capsys):
     assert run(out, "--stage", "all", "--teacher-ckpt", str(given / "teacher.pt")) == 0
     assert not (out / "teacher.pt").exists() and (out / "distill.pt").exists()
     assert f"teacher: using {given / 'teacher.pt'}" in capsys.readouterr().out
-
 
 def test_traflow_stage_on_a_2d_toy(tmp_path, capsys):
     for stage in ("teacher", "pairs"):
@@ -945,7 +857,6 @@ def test_traflow_stage_on_a_2d_toy(tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [metrics[key]["nfe"] for key in ("traflow (1 jump) nfe=1", "traflow (2 jumps) nfe=2",
                                             "traflow (4 jumps) nfe=4")] == [1, 2, 4]
-
 
 def test_traflow_stage_on_shapes(tmp_path):
     argv = ["--dataset", "shapes", "--max-images", "32", "--teacher-model", "unet-micro", "--steps", "2",
@@ -967,7 +878,6 @@ def test_shapes_images_are_varied_uint8():
     assert set(per_image_colours) == {2}  # one shape on a plain background
     assert x.float().std() > 50
 
-
 def test_idx_files_are_read_like_the_mnist_format(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
     header = b"\x00\x00\x08\x03" + b"".join(int(v).to_bytes(4, "big") for v in (3, 28, 28))
@@ -977,14 +887,12 @@ def test_idx_files_are_read_like_the_mnist_format(tmp_path):
     assert x.shape == (3, 1, 32, 32) and x.dtype == torch.uint8
     assert torch.equal(sf.read_idx_images(tmp_path / "train-images-idx3-ubyte.gz")[:, 0], torch.from_numpy(images))
 
-
 def test_folder_images_are_resized(tmp_path):
     from PIL import Image
     for i, size in enumerate([(40, 30), (64, 64)]):
         Image.new("RGB", size, (i * 100, 20, 30)).save(tmp_path / f"{i}.png")
     x = sf.image_dataset("folder", tmp_path, image_size=16)
     assert x.shape == (2, 3, 16, 16) and x[1, 0, 0, 0] == 100
-
 
 def test_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
     import torchvision
@@ -996,14 +904,12 @@ def test_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
         sf.image_dataset("cifar10", tmp_path)
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
 
-
 def test_to_unit_range_maps_8_bit_levels_onto_minus_one_to_one():
     levels = sf.to_unit_range(torch.tensor([0, 51, 255], dtype=torch.uint8))
     assert levels.dtype == torch.float32
     torch.testing.assert_close(levels, torch.tensor([-1.0, -0.6, 1.0]), rtol=0, atol=1e-6)
     x = torch.tensor([0.25, -3.0], dtype=torch.float64)
     assert torch.equal(sf.to_unit_range(x), x.float())  # float data (points, pairs) pass through
-
 
 def test_processes_draw_slices_of_one_global_batch():
     # two processes with batch 4 see exactly the 8 examples one process with batch 8 sees, flips included
@@ -1015,7 +921,6 @@ def test_processes_draw_slices_of_one_global_batch():
         for i in range(2):
             assert torch.equal(whole[i], torch.cat([parts[0][i], parts[1][i]]))
 
-
 def test_the_data_stream_is_the_seed_s_and_not_the_global_rng():
     z = torch.arange(100.0)[:, None]
     torch.manual_seed(0)
@@ -1023,7 +928,6 @@ def test_the_data_stream_is_the_seed_s_and_not_the_global_rng():
     torch.manual_seed(1)
     assert torch.equal(a, sf.TrainingData(z, seed=1).sample(16))
     assert not torch.equal(a, sf.TrainingData(z, seed=2).sample(16))
-
 
 def test_pairs_share_one_flip():
     z = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 1, 1, 4)
@@ -1039,18 +943,15 @@ def test_pairs_share_one_flip():
 OFFICIAL_PARAMS = {"rf-61.8m": 61_804_419, "slim-27.9m": 27_906_179, "slim-15.7m": 15_707_235,
                    "slim-7.0m": 6_989_891, "slim-3.4m": 3_437_123}
 
-
 @pytest.mark.parametrize("name", OFFICIAL_PARAMS)
 def test_unet_has_official_parameter_count(name):
     with torch.device("meta"):  # shapes only: no memory, no init time
         net = sf.UNet(**sf.PRESETS[name])
     assert sf.num_params(net) == OFFICIAL_PARAMS[name]
 
-
 def test_build_model_rejects_preset_of_the_other_kind():
     with pytest.raises(sf.UsageError, match="does not fit image data"):
         sf.build_model("mlp-96x3", (3, 32, 32))
-
 
 def test_a_two_time_network_starts_as_the_one_time_network():
     torch.manual_seed(0)
@@ -1067,7 +968,6 @@ def test_a_two_time_network_starts_as_the_one_time_network():
         # t and s enter alike, as two halves of one embedding; and s is read
         torch.testing.assert_close(two(x, t, s), two(x, s, t), atol=1e-5, rtol=1e-5)
         assert (two(x, t, s) - one(x, t)).abs().max() > 1e-3
-
 
 def official_ncsnpp(W, x, t, nf, ch_mult, num_res_blocks, attn_resolutions=(16,)):
     """The official NCSN++ forward on the official tensor names W, written here from the
@@ -1141,7 +1041,6 @@ def official_ncsnpp(W, x, t, nf, ch_mult, num_res_blocks, attn_resolutions=(16,)
     assert not hs and not module(), "official modules left unused"
     return h
 
-
 @pytest.mark.parametrize("config", [dict(nf=16, ch_mult=(1, 2), num_res_blocks=1),
                                     dict(nf=16, ch_mult=(1, 2, 2), num_res_blocks=2)])
 def test_unet_computes_the_official_function_from_official_tensors(config, capsys):
@@ -1157,7 +1056,6 @@ def test_unet_computes_the_official_function_from_official_tensors(config, capsy
     assert expected.abs().mean() > 0.1
     torch.testing.assert_close(net(x, t), expected, rtol=1e-9, atol=1e-9)
 
-
 @pytest.mark.parametrize("preset", OFFICIAL_LAYOUTS)
 def test_every_official_tensor_maps_to_exactly_one_of_ours_and_back(preset, capsys):
     entries, sha256, spelled_out = OFFICIAL_LAYOUTS[preset]
@@ -1171,7 +1069,6 @@ def test_every_official_tensor_maps_to_exactly_one_of_ours_and_back(preset, caps
     assert "ignored: sigmas" in capsys.readouterr().out
     assert converted.keys() == ours.keys()  # one to one: no tensor lost, none invented
     assert all(converted[k].shape == ours[k].shape for k in ours)
-
 
 def official_file(net, path, ema_scale=None, drop=None, reshape=None):
     """An official-layout checkpoint made from our network: `module.` names, EMA list."""
@@ -1187,7 +1084,6 @@ def official_file(net, path, ema_scale=None, drop=None, reshape=None):
     torch.save({"model": model, "ema": {"decay": 0.9999, "num_updates": 10, "shadow_params": shadow},
                 "optimizer": {}, "step": 10}, path)
 
-
 def randomised_unet():
     torch.manual_seed(0)
     net = sf.UNet(**sf.PRESETS["unet-micro"]).eval()
@@ -1196,7 +1092,6 @@ def randomised_unet():
             p.add_(0.1 * torch.randn_like(p))
     return net
 
-
 def test_an_official_checkpoint_loads_and_computes_the_same_function(tmp_path):
     net = randomised_unet()
     official_file(net, tmp_path / "official.pth", ema_scale=0.0)  # raw weights zeroed: EMA must be used
@@ -1204,20 +1099,17 @@ def test_an_official_checkpoint_loads_and_computes_the_same_function(tmp_path):
     x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
     assert torch.equal(loaded(x, t), net(x, t))
 
-
 def test_an_official_checkpoint_gives_its_raw_weights_on_request(tmp_path):  # the distilled student's start
     net = randomised_unet()
     official_file(net, tmp_path / "official.pth", ema_scale=2.0)  # raw weights: twice the EMA's
     raw = sf.load_checkpoint(tmp_path / "official.pth", sf.UNet(**sf.PRESETS["unet-micro"]), weights="model")
     assert all(torch.equal(v, 2 * net.state_dict()[k]) for k, v in raw.state_dict().items())
 
-
 def test_official_attention_projections_are_transposed(tmp_path):
     net = randomised_unet()
     official = sf.to_official(net.state_dict())
     block = next(i for i, b in enumerate(net.blocks) if isinstance(b, sf.Attention))
     assert torch.equal(official[f"all_modules.{block + 3}.NIN_0.W"], net.blocks[block].q.weight[:, :, 0, 0].t())
-
 
 @pytest.mark.parametrize("drop, reshape, pattern", [
     ("all_modules.5.Conv_0.bias", None, "tensor all_modules.5.Conv_0.bias is missing"),
@@ -1228,7 +1120,6 @@ def test_an_official_layout_with_a_bad_tensor_is_refused(tmp_path, drop, reshape
     with pytest.raises(sf.UsageError, match=pattern.replace("(", r"\(").replace(")", r"\)")):
         sf.load_checkpoint(tmp_path / "bad.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
 
-
 def test_an_official_model_without_ema_loads_its_raw_weights(tmp_path):
     net = randomised_unet()
     torch.save({"model": {f"module.{k}": v for k, v in sf.to_official(net.state_dict()).items()}, "step": 0},
@@ -1237,14 +1128,12 @@ def test_an_official_model_without_ema_loads_its_raw_weights(tmp_path):
     x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
     assert torch.equal(loaded(x, t), net(x, t))
 
-
 def test_an_official_ema_of_another_length_is_refused(tmp_path):
     net = randomised_unet()
     model = {f"module.{k}": v for k, v in sf.to_official(net.state_dict()).items()}
     torch.save({"model": model, "ema": {"shadow_params": list(model.values())[:-1]}}, tmp_path / "short.pth")
     with pytest.raises(sf.UsageError, match="EMA holds"):
         sf.load_checkpoint(tmp_path / "short.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
-
 
 def test_pairs_stage_starts_from_an_official_teacher(tmp_path, capsys):
     official_file(randomised_unet(), tmp_path / "teacher_official.pth")
@@ -1269,7 +1158,6 @@ def test_a_checkpoint_without_the_data_stream_is_not_resumed(teacher_run, capsys
     assert_one_line_error(capsys, "written by an older slimflow")
     assert (out / "teacher.pt").read_bytes() == before
 
-
 def test_resuming_with_another_architecture_is_refused(teacher_run, capsys):
     out, before = teacher_run
     capsys.readouterr()
@@ -1277,14 +1165,12 @@ def test_resuming_with_another_architecture_is_refused(teacher_run, capsys):
     assert_one_line_error(capsys, "holds a 'mlp-64x2' network, not 'mlp-96x3'")
     assert (out / "teacher.pt").read_bytes() == before
 
-
 def test_a_checkpoint_of_another_dataset_is_refused(teacher_run, capsys):
     out, before = teacher_run
     capsys.readouterr()
     assert run(out, "--stage", "pairs", "--dataset", "moons") == 2
     assert_one_line_error(capsys, "made for dataset '8gaussians', not 'moons'")
     assert not (out / "pairs.pt").exists()
-
 
 @pytest.mark.parametrize("garbage", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
 def test_a_corrupt_checkpoint_is_a_one_line_error(teacher_run, capsys, garbage):
@@ -1295,7 +1181,6 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(teacher_run, capsys, garbage):
     assert_one_line_error(capsys, "is corrupt or not a slimflow file")
     assert (out / "teacher.pt").read_bytes() == garbage
     assert run(out, "--stage", "sample", "--from", "teacher") == 2
-
 
 def test_a_checkpoint_of_another_stage_is_refused(tmp_path, capsys):
     for stage in ("teacher", "pairs"):
@@ -1334,11 +1219,9 @@ def test_a_checkpoint_by_url_is_downloaded_once(tmp_path, capsys):
     assert run(tmp_path / "c", "--stage", "pairs", "--teacher-ckpt", url + "?x") == 2  # the server is gone
     assert_one_line_error(capsys, "could not download the checkpoint http://127.0.0.1")
 
-
 @pytest.fixture(scope="module")
 def lpips_net():
     return sf.lpips_network()
-
 
 def test_lpips_has_the_layout_of_the_lpips_package(lpips_net):
     shapes = {k: tuple(v.shape) for k, v in lpips_net.state_dict().items()}
@@ -1353,7 +1236,6 @@ def test_lpips_has_the_layout_of_the_lpips_package(lpips_net):
         expected.update({f"lin{k}.model.1.weight": (1, c, 1, 1), f"lins.{k}.model.1.weight": (1, c, 1, 1)})
     assert shapes == expected
 
-
 def test_lpips_is_zero_on_equal_images_and_symmetric(lpips_net):
     g = torch.Generator().manual_seed(0)
     a, b = (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
@@ -1361,7 +1243,6 @@ def test_lpips_is_zero_on_equal_images_and_symmetric(lpips_net):
         assert torch.equal(lpips_net(a, a), torch.zeros(3))
         d = lpips_net(a, b)
         assert d.shape == (3,) and (d != 0).all() and torch.allclose(d, lpips_net(b, a), rtol=1e-6)
-
 
 def test_lpips_by_hand_on_plain_colours():
     # convolutions that pass the 3 colour channels through (centre tap 1, biases 0), so every
@@ -1385,7 +1266,6 @@ def test_lpips_by_hand_on_plain_colours():
         d = net(a.view(1, 3, 1, 1).expand(2, 3, 16, 16), b.view(1, 3, 1, 1).expand(2, 3, 16, 16))
     torch.testing.assert_close(d, expected.expand(2), rtol=1e-5, atol=0)
 
-
 def test_the_distillation_distance_is_lpips_at_64_by_64(tmp_path, lpips_net):
     torch.save(lpips_net.state_dict(), tmp_path / "lpips.pth")
     cfg = sf.settings_for({"dataset": "shapes", "lpips_weights": str(tmp_path / "lpips.pth")}, "distill")
@@ -1393,7 +1273,6 @@ def test_the_distillation_distance_is_lpips_at_64_by_64(tmp_path, lpips_net):
     up = [F.interpolate(x.repeat(1, 3, 1, 1), size=64, mode="bilinear", align_corners=True) for x in (a, b)]
     with torch.no_grad():  # the official lpips_forward_wrapper(size=64)
         torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), lpips_net(*up))
-
 
 def test_lpips_weights_are_assembled_from_the_published_files(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(1)
@@ -1414,7 +1293,6 @@ def test_lpips_weights_are_assembled_from_the_published_files(tmp_path, monkeypa
     with torch.no_grad():
         torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), sf.lpips_network(state)(*up))
 
-
 def test_lpips_weights_offline_is_a_one_line_error(tmp_path, monkeypatch):
     import urllib.request
 
@@ -1426,7 +1304,6 @@ def test_lpips_weights_offline_is_a_one_line_error(tmp_path, monkeypatch):
         sf.lpips_distance(cfg)
     assert "\n" not in str(err.value)
 
-
 def test_distill_with_lpips_trains_from_given_weights(tmp_path):
     argv = ["--dataset", "shapes", "--max-images", "32", "--teacher-model", "unet-micro", "--model", "unet-micro",
             "--steps", "2", "--batch-size", "4", "--num-pairs", "8", "--pairs-batch", "8", "--rtol", "1e-2",
@@ -1437,11 +1314,9 @@ def test_distill_with_lpips_trains_from_given_weights(tmp_path):
     assert sf.main([*argv, "--stage", "distill", "--distance", "lpips", "--lpips-weights", str(tmp_path / "lpips.pth")]) == 0
     assert sf.read_checkpoint(tmp_path / "distill.pt")["step"] == 2
 
-
 def test_a_stage_without_its_input_names_the_command_that_makes_it(tmp_path, capsys):
     assert run(tmp_path, "--stage", "pairs") == 2
     assert_one_line_error(capsys, f"make it with: python slimflow.py --dataset 8gaussians --out {tmp_path} --stage teacher")
-
 
 def test_finished_work_is_not_overwritten_without_asking(teacher_run, capsys):
     out, before = teacher_run
@@ -1466,7 +1341,6 @@ def test_image_pairs_are_float16_and_exact_for_their_rounded_noise(tmp_path):
     assert torch.equal(z1.half(), pairs["z1"][4:])
     assert not (tmp_path / "pairs.shards").exists()  # joined and removed
 
-
 def test_stopped_pair_generation_continues_with_the_missing_shards(tmp_path, monkeypatch):
     for out in ("straight", "split"):
         assert run(tmp_path / out, "--stage", "teacher") == 0
@@ -1488,7 +1362,6 @@ def test_stopped_pair_generation_continues_with_the_missing_shards(tmp_path, mon
     a, b = (torch.load(tmp_path / out / "pairs.pt", weights_only=True) for out in ("straight", "split"))
     assert torch.equal(a["z0"], b["z0"]) and torch.equal(a["z1"], b["z1"])
 
-
 def test_shards_of_another_teacher_are_refused(tmp_path, capsys, monkeypatch):
     assert run(tmp_path, "--stage", "teacher") == 0
     monkeypatch.setattr(sf, "rk45_sample", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -1498,7 +1371,6 @@ def test_shards_of_another_teacher_are_refused(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 2
     assert_one_line_error(capsys, "holds shards solved with another teacher;")
-
 
 def test_finished_pairs_of_another_teacher_are_not_reused(tmp_path, capsys):
     assert run(tmp_path, "--stage", "teacher") == 0
@@ -1514,7 +1386,6 @@ def test_finished_pairs_of_another_teacher_are_not_reused(tmp_path, capsys):
     assert (tmp_path / "pairs.pt").read_bytes() == before
     assert run(tmp_path, "--stage", "pairs", "--resume", "--num-pairs", "512") == 2
     assert_one_line_error(capsys, "was solved with another num_pairs, teacher;")
-
 
 def test_shards_of_another_run_are_refused_until_overwrite(tmp_path, capsys):
     assert run(tmp_path, "--stage", "teacher") == 0
@@ -1538,7 +1409,6 @@ def free_port():
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
-
 class FixedTimeVelocityLoss:
     """Velocity regression at t = 1/2 on pairs: no noise of its own, so the data stream is
     the only randomness, and 1 and 2 processes must take the same steps."""
@@ -1548,7 +1418,6 @@ class FixedTimeVelocityLoss:
         t = torch.full((len(z0),), 0.5)
         return (net(sf.interpolate(z0, z1, t), t) - (z1 - z0)).square().mean(), {}
 
-
 def train_fixed_time(out, batch_size):
     sf.start_processes("cpu")
     torch.manual_seed(0)
@@ -1557,12 +1426,10 @@ def train_fixed_time(out, batch_size):
     sf.train(sf.build_model("mlp-64x2", (2,)), FixedTimeVelocityLoss(), pairs,
              **{**TOY_TRAINING, "batch_size": batch_size, "ckpt_every": 1000}, checkpoint=out / "reflow.pt", meta=meta)
 
-
 def join_two(rank, port):
     """The environment torchrun gives process `rank` of 2."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
-
 
 def gloo_threads():
     """Names of the threads of torch's gloo backend in this process (None off Linux)."""
@@ -1571,7 +1438,6 @@ def gloo_threads():
         return None
     return [name for name in ((t / "comm").read_text().strip() for t in tasks.iterdir()) if "gloo" in name]
 
-
 def ddp_worker(rank, port, out):
     join_two(rank, port)
     train_fixed_time(out, 32)
@@ -1579,7 +1445,6 @@ def ddp_worker(rank, port, out):
     sf.stop_processes()
     if running is not None:  # none outlives the group: one left running at exit can abort Python
         assert running and not gloo_threads()
-
 
 def test_two_processes_take_the_steps_of_one_process_with_their_global_batch(tmp_path):
     torch.multiprocessing.spawn(ddp_worker, args=(free_port(), tmp_path / "two"), nprocs=2)
@@ -1591,7 +1456,6 @@ def test_two_processes_take_the_steps_of_one_process_with_their_global_batch(tmp
             torch.testing.assert_close(two[key][name], one[key][name], rtol=1e-5, atol=1e-6)
     assert (two["model"]["net.0.weight"] - sf.build_model("mlp-64x2", (2,)).state_dict()["net.0.weight"]).abs().max() > 1e-3
 
-
 def nan_worker(rank, port, out):
     join_two(rank, port)
     sf.start_processes("cpu")
@@ -1599,22 +1463,18 @@ def nan_worker(rank, port, out):
         train_toy_teacher(out, nan_at(7, rank=1), sf.TrainingData(torch.randn(100, 2)), ckpt_every=5)
     sf.stop_processes()
 
-
 def test_a_nan_in_one_process_stops_every_process(tmp_path):
     torch.multiprocessing.spawn(nan_worker, args=(free_port(), tmp_path), nprocs=2)  # neither waits forever
     assert sf.read_checkpoint(tmp_path / "teacher.pt")["step"] == 5
-
 
 def main_worker(rank, port, argv):
     join_two(rank, port)
     assert sf.main(argv) == 0
 
-
 def two_processes(out, *argv):
     """slimflow's command line in two processes, as torchrun --nproc_per_node 2 starts it."""
     argv = ["--out", str(out), *TINY, "--pairs-batch", "64", *argv]
     torch.multiprocessing.spawn(main_worker, args=(free_port(), argv), nprocs=2)
-
 
 def test_two_processes_run_every_stage_and_write_once(tmp_path, capfd):
     two_processes(tmp_path, "--stage", "all")
@@ -1630,7 +1490,6 @@ def test_two_processes_run_every_stage_and_write_once(tmp_path, capfd):
                str(tmp_path / "teacher.pt")) == 0
     a, b = (torch.load(path / "pairs.pt", weights_only=True) for path in (tmp_path, tmp_path / "one"))
     assert torch.equal(a["z0"], b["z0"]) and torch.equal(a["z1"], b["z1"])
-
 
 def test_two_processes_resume_exactly(tmp_path):
     two_processes(tmp_path / "straight", "--stage", "teacher", "--steps", "12", "--ckpt-every", "6")
@@ -1648,7 +1507,6 @@ def test_two_processes_resume_exactly(tmp_path):
 def fid_weights(folder):
     return sf.download(sf.FID_WEIGHTS_URL, folder, "the FID Inception weights", "--fid-weights")
 
-
 def test_fid_weights_offline_is_a_clear_error_naming_the_path(tmp_path, monkeypatch):
     import urllib.request
 
@@ -1662,7 +1520,6 @@ def test_fid_weights_offline_is_a_clear_error_naming_the_path(tmp_path, monkeypa
     (tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
     assert fid_weights(tmp_path / "cache").name == "pt_inception-2015-12-05-6726825d.pth"
 
-
 @pytest.mark.parametrize("preset, conv_linear, total", [("slim-15.7m", 3.70e9, 3.90e9), ("slim-27.9m", 6.57e9, 6.89e9)])
 def test_macs_of_the_official_students(preset, conv_linear, total):
     macs = sf.count_macs(sf.UNet(**sf.PRESETS[preset]).eval(), torch.randn(1, 3, 32, 32), torch.rand(1))
@@ -1670,13 +1527,11 @@ def test_macs_of_the_official_students(preset, conv_linear, total):
     assert macs["total"] == pytest.approx(total, rel=0.01)
     assert macs["total"] == macs["conv"] + macs["linear"] + macs["attention"]
 
-
 def test_macs_of_an_mlp_are_its_weight_count_per_sample():
     net = sf.MLP(hidden=32, depth=2, temb_dim=16)
     weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.Linear))
     assert sf.count_macs(net, torch.randn(5, 2), torch.rand(5)) == {"conv": 0, "linear": weights, "attention": 0,
                                                                     "total": weights}
-
 
 def test_samples_never_reuse_the_noise_of_the_training_pairs(tmp_path):
     assert run(tmp_path, "--stage", "teacher") == 0
@@ -1687,7 +1542,6 @@ def test_samples_never_reuse_the_noise_of_the_training_pairs(tmp_path):
     assert noise.shape == z0.shape and (noise - z0).abs().min() > 0
     assert torch.equal(noise, sf.generate_all(lambda z: z, "distill", args)[0])  # and is fixed by the seed
 
-
 def test_eval_on_a_tiny_2d_run(tmp_path, capsys):
     assert run(tmp_path, "--stage", "teacher") == 0
     assert run(tmp_path, "--stage", "eval", "--sampler", "euler", "--nfe", "4") == 0
@@ -1695,7 +1549,6 @@ def test_eval_on_a_tiny_2d_run(tmp_path, capsys):
     assert row["nfe"] == 4 and row["params"] == 8578 and row["flops"] == 2 * row["macs"] > 0
     assert row["sw2"] > 0 and row["sw2_floor"] > 0 and row["straightness"] > 0 and row["samples_per_s"] > 0
     assert "SW2 floor" in capsys.readouterr().out
-
 
 def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
     argv = ["--dataset", "shapes", "--max-images", "48", "--teacher-model", "unet-micro", "--steps", "2",
@@ -1709,7 +1562,6 @@ def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
     assert len(list((tmp_path / "data").glob("fid_stats_shapes_train_32px_48_*.npz"))) == 1  # cached
     assert sf.stage_eval(args, extractor=extractor)["fid"] == pytest.approx(row["fid"], rel=1e-9)
 
-
 def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
     args = sf.parse_args(["--dataset", "shapes", "--max-images", "48", "--out", str(tmp_path), "--data-dir",
                           str(tmp_path / "data"), "--stage", "eval", "--pairs-batch", "16"])
@@ -1719,7 +1571,6 @@ def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
     assert fid(real + 0.0035) == pytest.approx(0, abs=1e-4)  # within the same 8-bit level
     assert fid(real + 0.01) > 1e-3
     assert fid(real - 0.0035) > 1e-3  # truncated, as the official code does: not rounded
-
 
 def test_swd_is_zero_between_equal_sets_and_grows_with_the_difference(monkeypatch):
     real, held_out = sf.shapes_images(64, 32, seed=0), sf.shapes_images(64, 32, seed=1)
@@ -1731,7 +1582,6 @@ def test_swd_is_zero_between_equal_sets_and_grows_with_the_difference(monkeypatc
     monkeypatch.setattr(sf, "sliced_wasserstein", lambda a, b, **kw: levels.append(sliced(a, b, **kw)) or levels[-1])
     sf.laplacian_swd(real, fine)
     assert len(levels) == 2 and levels[0] > 0.1 and levels[1] < 0.01 * levels[0]  # 32x32, then 16x16
-
 
 def test_fid_reads_given_training_set_statistics(tmp_path):
     argv = ["--dataset", "shapes", "--max-images", "48", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"),
@@ -1763,22 +1613,18 @@ def synchronisations(out, steps):
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_training_steps_do_not_wait_for_the_gpu(tmp_path):  # only logs, checkpoints and previews do
     assert 0 < synchronisations(tmp_path / "a", 3) == synchronisations(tmp_path / "b", 9)  # one log and save each
 
-
 def test_precision_defaults_to_fp32_without_a_bf16_gpu():
     assert sf.resolve_precision(None, "cpu") == "fp32" and sf.resolve_precision("bf16", "cpu") == "bf16"
-
 
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     assert run(tmp_path, "--stage", "teacher", "--precision", "bf16") == 0
     ckpt = torch.load(tmp_path / "teacher.pt", weights_only=True)
     assert ckpt["step"] == 20 and all(v.dtype == torch.float32 for v in ckpt["model"].values())  # fp32 master weights
     assert ckpt["training"]["precision"] == "bf16"
-
 
 def test_bench_compares_student_and_teacher(tmp_path, capsys):
     rows = sf.stage_bench(sf.parse_args(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro",
@@ -1809,12 +1655,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, pattern):
     assert_one_line_error(capsys, pattern)
     assert not any(tmp_path.iterdir())
 
-
 def test_the_command_line_exits_with_status_2_and_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(HERE / "slimflow.py"), "--out", str(tmp_path), "--steps", "-3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
-
 
 def test_cifar10_defaults_are_the_official_recipe():
     teacher, reflow, distill = (sf.settings_for({"dataset": "cifar10"}, s) for s in ("teacher", "reflow", "distill"))
@@ -1835,7 +1679,6 @@ def test_cifar10_defaults_are_the_official_recipe():
 SHAPES = ["--dataset", "shapes", "--max-images", "16", "--steps", "2", "--batch-size", "4", "--num-pairs", "8",
           "--pairs-batch", "4", "--num-samples", "8", "--preview-every", "0", "--teacher-model", "unet-micro",
           "--model", "unet-micro"]
-
 
 @pytest.mark.parametrize("argv, pattern", [
     (["--ema-decay", "1.0"], "--ema-decay: must be in [0, 1), got 1.0"),
@@ -1859,14 +1702,12 @@ def test_meaningless_values_are_refused_before_any_work(tmp_path, capsys, argv, 
     assert_one_line_error(capsys, pattern)
     assert not (tmp_path / "run").exists()
 
-
 def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("mine")
     assert sf.main(["--out", str(tmp_path / "file"), *TINY, "--stage", "teacher"]) == 2
     out, err = capsys.readouterr()
     assert "step" not in out and err.count("\n") == 1 and "--out" in err and str(tmp_path / "file") in err
     assert (tmp_path / "file").read_text() == "mine"
-
 
 def test_a_second_run_on_a_run_directory_in_use_is_refused_naming_the_first(tmp_path, capsys):
     import fcntl
@@ -1881,12 +1722,10 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused_naming_the_first(tmp_
     assert run(tmp_path, "--stage", "teacher") == 0  # the lock goes with the run that held it
     assert run(tmp_path, "--stage", "pairs") == 0  # and this run's lock with this run
 
-
 def never(what):
     def fail(*args, **kwargs):
         raise AssertionError(f"{what} before the checks")
     return fail
-
 
 def test_eval_checks_its_weights_and_statistics_before_sampling(tmp_path, capsys, monkeypatch):
     assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "teacher"]) == 0
@@ -1905,7 +1744,6 @@ def test_eval_checks_its_weights_and_statistics_before_sampling(tmp_path, capsys
                     "--fid-stats", str(tmp_path / "stats.npz")]) == 2
     assert_one_line_error(capsys, "holds no FID statistics")
 
-
 def test_all_checks_given_checkpoints_and_weights_before_training(tmp_path, capsys, monkeypatch):
     (tmp_path / "garbage.pt").write_bytes(b"garbage")
     assert run(tmp_path / "a", "--init-ckpt", str(tmp_path / "garbage.pt")) == 2
@@ -1916,13 +1754,11 @@ def test_all_checks_given_checkpoints_and_weights_before_training(tmp_path, caps
     assert_one_line_error(capsys, "could not download the LPIPS weights")
     assert not (tmp_path / "b" / "teacher.pt").exists()
 
-
 def test_a_checkpoint_of_another_image_size_is_refused(tmp_path, capsys):
     assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "teacher"]) == 0
     capsys.readouterr()
     assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "pairs", "--image-size", "16"]) == 2
     assert_one_line_error(capsys, "holds data of shape (3, 32, 32), not (3, 16, 16)")
-
 
 def test_unreadable_data_files_are_one_line_errors(tmp_path, capsys):
     from PIL import Image
@@ -1937,7 +1773,6 @@ def test_unreadable_data_files_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(sf.UsageError, match="is truncated: 3 of its 10 images"):
         sf.read_idx_images(tmp_path / "train-images-idx3-ubyte")
 
-
 def test_corrupt_json_files_are_one_line_errors(tmp_path, capsys):
     assert run(tmp_path, "--stage", "teacher") == 0
     (tmp_path / "metrics.json").write_text("{corrupt")
@@ -1950,7 +1785,6 @@ def test_corrupt_json_files_are_one_line_errors(tmp_path, capsys):
     assert run(tmp_path, "--stage", "pairs") == 2
     assert_one_line_error(capsys, f"{tmp_path / 'pairs.shards' / 'recipe.json'} is corrupt")
 
-
 def test_json_files_are_written_atomically(tmp_path, monkeypatch):
     assert run(tmp_path, "--stage", "teacher") == 0
     assert run(tmp_path, "--stage", "eval", "--from", "teacher") == 0
@@ -1959,7 +1793,6 @@ def test_json_files_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(AssertionError):
         run(tmp_path, "--stage", "eval", "--from", "teacher", "--sampler", "euler")
     assert (tmp_path / "metrics.json").read_bytes() == before
-
 
 def test_ctrl_c_names_the_checkpoint_to_resume_and_exits_130(tmp_path, capsys, monkeypatch):
     loss = sf.RectifiedFlowLoss.__call__
@@ -1974,13 +1807,11 @@ def test_ctrl_c_names_the_checkpoint_to_resume_and_exits_130(tmp_path, capsys, m
     assert err.count("\n") == 1 and f"{tmp_path / 'teacher.pt'} (step 10)" in err and "--resume" in err
     assert torch.load(tmp_path / "teacher.pt", weights_only=True)["step"] == 10
 
-
 def test_a_checkpoint_is_written_only_when_the_ema_is_finite_too(tmp_path):
     with pytest.raises(sf.TrainingError, match="the weights or their EMA are not finite at step 5"):
         sf.train(sf.MLP(hidden=16, depth=1), sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)), 10,
                  8, 1e-3, ema_decay=float("nan"), checkpoint=tmp_path / "t.pt", ckpt_every=5)
     assert not (tmp_path / "t.pt").exists()
-
 
 def test_sample_does_not_replace_samples_without_overwrite(tmp_path, capsys):
     assert run(tmp_path, "--stage", "teacher") == 0
@@ -1993,7 +1824,6 @@ def test_sample_does_not_replace_samples_without_overwrite(tmp_path, capsys):
     assert run(tmp_path, "--stage", "sample", "--sampler", "rk45", "--overwrite") == 0
     assert (tmp_path / "samples_teacher.npy").read_bytes() != before
 
-
 def test_shards_of_another_pairs_batch_are_refused(tmp_path, capsys, monkeypatch):
     assert run(tmp_path, "--stage", "teacher") == 0
     monkeypatch.setattr(sf, "rk45_sample", never("solved"))
@@ -2003,7 +1833,6 @@ def test_shards_of_another_pairs_batch_are_refused(tmp_path, capsys, monkeypatch
     capsys.readouterr()
     assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "128") == 2
     assert_one_line_error(capsys, "holds shards solved with another pairs_batch;")
-
 
 def test_rk45_returns_its_end_point_without_the_trajectory():
     x, _ = sf.rk45_sample(lambda x, t: -x, torch.randn(4, 2))
