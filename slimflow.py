@@ -870,8 +870,11 @@ def save_atomic(obj, path):
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, RuntimeError):  # how torch.save's writer reports a full disk
+            reason = str(err).partition("\n")[0]
+            raise OSError(f"could not write {path} ({reason}); is the disk full?") from None
         raise
 
 def save_json(obj, path):

@@ -1744,6 +1744,19 @@ def test_eval_checks_its_weights_and_statistics_before_sampling(tmp_path, capsys
                     "--fid-stats", str(tmp_path / "stats.npz")]) == 2
     assert_one_line_error(capsys, "holds no FID statistics")
 
+def test_eval_reads_its_held_out_images_before_sampling(tmp_path, monkeypatch):
+    import torchvision
+    header = b"".join(n.to_bytes(4, "big") for n in (2051, 16, 28, 28))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + bytes(range(256)) * 49)  # no test set beside it
+    argv = ["--out", str(tmp_path), "--dataset", "fashion_mnist", "--data-dir", str(tmp_path), "--steps", "2",
+            "--batch-size", "4", "--teacher-model", "unet-micro", "--model", "unet-micro", "--preview-every", "0"]
+    assert sf.main([*argv, "--stage", "teacher"]) == 0
+    monkeypatch.setattr(sf, "generate_all", never("sampled"))
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", never("downloaded"))
+    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
+    with pytest.raises(sf.UsageError, match="could not load fashion_mnist"):  # the test set, offline
+        sf.stage_eval(sf.parse_args([*argv, "--stage", "eval", "--num-samples", "8"]), extractor=extractor)
+
 def test_all_checks_given_checkpoints_and_weights_before_training(tmp_path, capsys, monkeypatch):
     (tmp_path / "garbage.pt").write_bytes(b"garbage")
     assert run(tmp_path / "a", "--init-ckpt", str(tmp_path / "garbage.pt")) == 2
@@ -1833,6 +1846,15 @@ def test_shards_of_another_pairs_batch_are_refused(tmp_path, capsys, monkeypatch
     capsys.readouterr()
     assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "128") == 2
     assert_one_line_error(capsys, "holds shards solved with another pairs_batch;")
+
+def test_a_full_disk_under_torch_save_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    def writer_fails(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills
+        Path(f).write_bytes(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 5056 vs 4950\nmore")
+    monkeypatch.setattr(torch, "save", writer_fails)
+    assert run(tmp_path, "--stage", "teacher") == 1
+    assert_one_line_error(capsys, f"could not write {tmp_path / 'teacher.pt'} ([enforce fail")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
 
 def test_rk45_returns_its_end_point_without_the_trajectory():
     x, _ = sf.rk45_sample(lambda x, t: -x, torch.randn(4, 2))
