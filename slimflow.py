@@ -55,7 +55,7 @@ class TrainingError(Exception):
 
 # =============================================================================
 # PART I: THE METHOD
-# Everything needed to learn SlimFlow, in pipeline order; the few names borrowed from Part II say what they do.
+# Everything needed to learn SlimFlow, in pipeline order; the few names borrowed from the machinery below say what they do.
 # =============================================================================
 
 # -----------------------------------------------------------------------------
