@@ -55,12 +55,12 @@ class TrainingError(Exception):
 
 # =============================================================================
 # PART I: THE METHOD
-# Everything needed to learn SlimFlow, in pipeline order; the few names borrowed from the machinery below say what they do.
+# Everything needed to learn SlimFlow, in pipeline order; the names it borrows from the machinery say what they do.
 # =============================================================================
 
 # -----------------------------------------------------------------------------
 # 1. Noise and data
-# Noise X0 ~ N(0, I) sits at t = 0 and data X1 at t = 1: images in [-1, 1], read by Part II, or a 2-D toy.
+# Noise X0 ~ N(0, I) sits at t = 0 and data X1 at t = 1: images in [-1, 1], read by the machinery, or a 2-D toy.
 
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals")
 
