@@ -942,9 +942,10 @@ def load_file(path, what):
 def check_compatible(ckpt, path, dataset=None, model=None, shape=None):
     if dataset is not None and ckpt["dataset"] != dataset:
         raise UsageError(f"{path} was made for dataset {ckpt['dataset']!r}, not {dataset!r}")
-    held = tuple(ckpt["data_shape"] if "data_shape" in ckpt else ckpt["z0"].shape[1:])  # a network's, or pairs'
-    if shape is not None and held != tuple(shape):
-        raise UsageError(f"{path} holds data of shape {held}, not {tuple(shape)}; another --image-size?")
+    if shape is not None:
+        held = tuple(ckpt["data_shape"] if "data_shape" in ckpt else ckpt["z0"].shape[1:])  # a network's, or pairs'
+        if held != tuple(shape):
+            raise UsageError(f"{path} holds data of shape {held}, not {tuple(shape)}; another --image-size?")
     if model is not None and ckpt["model_name"] != model:
         raise UsageError(f"{path} holds a {ckpt['model_name']!r} network, not {model!r}")
 
@@ -1091,8 +1092,8 @@ def lpips_distance(cfg):
     --lpips-weights or torchvision's VGG16 and LPIPS v0.1's layers, downloaded once into <data-dir>/lpips."""
     weights = cfg.lpips_weights
     if weights is None:
-        vgg, lin = (torch.load(download(url, Path(cfg.data_dir) / "lpips", "the LPIPS weights", "--lpips-weights"),
-                               map_location="cpu", weights_only=True) for url in LPIPS_URLS)
+        vgg, lin = (load_file(download(url, Path(cfg.data_dir) / "lpips", "the LPIPS weights", "--lpips-weights"),
+                              "an LPIPS weights") for url in LPIPS_URLS)
         weights = lpips_network().state_dict()  # the layout, and the input scaling's constants
         for key in weights:
             if key.startswith("net."):  # net.slice<k>.<i>.* is torchvision's features.<i>.*
@@ -1155,7 +1156,7 @@ def solve_pairs(cfg, z0, solve, teacher):
     def change(made):  # how a file's recipe differs from this run's, in words
         return ("by an older slimflow, which kept no recipe" if made is None
                 else "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k]))
-    if path.exists() and cfg.resume and not cfg.overwrite:  # reused only for the same teacher and recipe
+    if path.exists() and cfg.resume:  # reused only for the same teacher and recipe
         if (made := read_checkpoint(path).get("recipe")) != recipe:
             raise UsageError(f"{path} was solved {change(made)}; solve them again with: "
                              f"python slimflow.py {make_command(cfg, 'pairs')} --overwrite")
@@ -1189,7 +1190,7 @@ def solve_pairs(cfg, z0, solve, teacher):
                                 ) from None
     barrier()
     if rank == 0:
-        parts = [torch.load(shard[i], weights_only=True) for i in starts]
+        parts = [load_file(shard[i], "a pairs shard") for i in starts]
         nfe = float(np.mean([p["nfe"] for p in parts]))
         save_atomic({"format": "slimflow", "stage": "pairs", "dataset": cfg.dataset, "z0": z0,
                      "z1": torch.cat([p["z1"] for p in parts]), "teacher_nfe": nfe, "recipe": recipe}, path)
@@ -1737,9 +1738,9 @@ def run_stage(cfg):
     path = out_path(cfg, cfg.stage)
     if cfg.stage in STAGE_FILES and path.exists() and not (cfg.resume or cfg.overwrite):
         raise UsageError(f"{path} exists; pass --resume to continue it or --overwrite to start over")
-    samples = Path(cfg.out) / f"samples_{pick_stage(cfg)}.npy"
-    if cfg.stage == "sample" and samples.exists() and not cfg.overwrite:
-        raise UsageError(f"{samples} exists; pass --overwrite to replace it")
+    if cfg.stage == "sample" and not cfg.overwrite:
+        if (samples := Path(cfg.out) / f"samples_{pick_stage(cfg)}.npy").exists():
+            raise UsageError(f"{samples} exists; pass --overwrite to replace it")
     torch.manual_seed(cfg.seed)  # the networks' initial weights
     return STAGES[cfg.stage](cfg)
 
