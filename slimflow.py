@@ -742,7 +742,6 @@ def image_dataset(name, data_dir, image_size=32, limit=None, seed=0, train=True)
     return x.to(torch.uint8)
 
 def to_unit_range(x):
-    """uint8 images to [-1, 1]; float data passes through."""
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
 
 class TrainingData:
@@ -752,8 +751,7 @@ class TrainingData:
 
     def __init__(self, *tensors, flip=False, device="cpu", seed=0):
         self.flip, self.device, self.generator = flip, torch.device(device), torch.Generator().manual_seed(seed)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        fits = self.device.type != "cuda" or nbytes < torch.cuda.mem_get_info(self.device)[0] / 4
+        fits = self.device.type != "cuda" or sum(t.nbytes for t in tensors) < torch.cuda.mem_get_info(device)[0] / 4
         self.tensors = [t.to(device) if fits else t for t in tensors]
 
     def sample(self, batch_size, rank=0, processes=1):
@@ -821,13 +819,10 @@ OFFICIAL_ATTENTION = {"GroupNorm_0": "norm", "NIN_0": "q", "NIN_1": "k", "NIN_2"
 
 def official_names(keys, official):
     """{our tensor name: the official one} for a U-Net with these tensor names, official ones or ours."""
-    index = lambda k: int(k.split(".")[1])  # noqa: E731
-    if official:  # n modules, those at `attn` attention blocks
-        n = max(index(k) for k in keys if k.startswith("all_modules.")) + 1
-        attn = {index(k) for k in keys if ".NIN_" in k}
-    else:
-        n = len({index(k) for k in keys if k.startswith("blocks.")}) + 5
-        attn = {index(k) + 3 for k in keys if k.startswith("blocks.") and ".q." in k}
+    prefix, offset, attention = ("all_modules.", 0, ".NIN_") if official else ("blocks.", 3, ".q.")
+    index = {k: int(k.split(".")[1]) + offset for k in keys if k.startswith(prefix)}  # all_modules.<i>'s i
+    n = max(index.values()) + (1 if official else 3)  # n modules; ours: out_norm and out_conv follow the blocks
+    attn = {i for k, i in index.items() if attention in k}  # those that are attention blocks
     ends = {0: "time_mlp.0", 1: "time_mlp.2", 2: "input_conv", n - 2: "out_norm", n - 1: "out_conv"}
     names = {}
     for i in range(n):
@@ -870,18 +865,16 @@ def save_atomic(obj, path):
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, RuntimeError):  # how torch.save's writer reports a full disk
-            reason = str(err).partition("\n")[0]
-            raise OSError(f"could not write {path} ({reason}); is the disk full?") from None
-        raise
+    except RuntimeError as err:  # how torch.save's writer reports a full disk
+        reason = str(err).partition("\n")[0]
+        raise OSError(f"could not write {path} ({reason}); is the disk full?") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failed write
 
 def save_json(obj, path):
     save_atomic(lambda f: f.write(json.dumps(obj, indent=1).encode()), path)
 
 def read_json(path, default=None):
-    """A JSON file of ours, or `default` when there is none; a corrupt one is a one-line error."""
     if not Path(path).exists():
         return default
     try:
@@ -890,7 +883,6 @@ def read_json(path, default=None):
         raise UsageError(f"{path} is corrupt (not JSON); move it away, then run again") from None
 
 def save_training(path, state, data):
-    """A training checkpoint with every random state an exact continuation needs; rank 0 writes it."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng = {"data": data.generator.get_state(), "processes": gather({"torch": torch.get_rng_state(), "cuda": cuda})}
     if world()[0] == 0:
@@ -923,8 +915,7 @@ def last_good(checkpoint, saved):
 
 def read_checkpoint(path, made_by=None, official_ok=False):
     """A slimflow checkpoint (or, official_ok, an official one: a dict with `model`) as a dict, else a UsageError."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         raise UsageError(f"{path} not found" + (f"; make it with: python slimflow.py {made_by}" if made_by else ""))
     ckpt = load_file(path, "a slimflow")
     ours = isinstance(ckpt, dict) and ckpt.get("format") == "slimflow"
@@ -933,7 +924,6 @@ def read_checkpoint(path, made_by=None, official_ok=False):
     return ckpt
 
 def load_file(path, what):
-    """torch.load of tensors onto the CPU; a file that cannot be read is a one-line error."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -961,15 +951,13 @@ def check_tensors(found, expected, path):
         raise UsageError(f"{path}: tensors with no place in the network: {', '.join(extra[:5])}")
 
 def load_weights(net, weights, what):
-    """A state dict, or a file of one, into net after check_tensors."""
     state = weights if isinstance(weights, dict) else load_file(weights, f"a {what} weights")
     check_tensors(state, net.state_dict(), f"{what} weights")
     net.load_state_dict(state, strict=False)
     return net
 
 def load_checkpoint(path, model, ckpt=None, weights="ema"):
-    """`model` with a checkpoint's EMA weights (weights="model": the raw ones), from a slimflow file or an
-    official Rectified Flow / SlimFlow one (into a UNet); `ckpt`: the file's content when already read."""
+    """`model` with the EMA weights (weights="model": the raw ones) of a slimflow or an official checkpoint."""
     ckpt = read_checkpoint(path, official_ok=True) if ckpt is None else ckpt
     if ckpt.get("format") == "slimflow":
         return load_weights(model, ckpt[weights], path)
