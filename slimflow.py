@@ -428,8 +428,7 @@ class TraFlowLoss:
             s = later()
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
                 g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
-            with torch.no_grad():
-                v = self.teacher(g, s)
+            v = self.teacher(g.detach(), s)  # the target, under stop-gradient
             losses["vel"] = self.lambda_vel * (dg_ds - v).square().mean()
         if self.phase_steps == 0 or step < self.phase_steps:
             u = later()
