@@ -101,8 +101,7 @@ def time_embedding(t, dim, scale=999.0, max_period=10_000):
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 class MLP(nn.Module):
-    """Velocity field for 2-D toys: an MLP on (x, embedding of 10·t); RK45 takes ~50 steps on it, ~400 with 999·t.
-    two_times adds an embedding of a second time s (TraFlow) to the first layer."""
+    """Velocity field for 2-D toys: an MLP on (x, embedding of 10·t); RK45 takes ~50 steps on it, ~400 with 999·t."""
 
     def __init__(self, dim=2, hidden=256, depth=3, temb_dim=64, time_scale=10.0, two_times=False):
         super().__init__()
@@ -110,7 +109,7 @@ class MLP(nn.Module):
         widths = [dim + temb_dim] + [hidden] * depth
         layers = [m for w_in, w_out in zip(widths, widths[1:]) for m in (nn.Linear(w_in, w_out), nn.SiLU())]
         self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
-        self.s_proj = nn.Linear(temb_dim, hidden, bias=False) if two_times else None
+        self.s_proj = nn.Linear(temb_dim, hidden, bias=False) if two_times else None  # TraFlow's second time s
 
     def forward(self, x, t, s=None):
         h = self.net[0](torch.cat([x, time_embedding(t, self.temb_dim, self.time_scale)], dim=1))
