@@ -101,8 +101,7 @@ def time_embedding(t, dim, scale=999.0, max_period=10_000):
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 class MLP(nn.Module):
-    """Velocity field for 2-D toys: an MLP on (x, embedding of 10·t); RK45 takes ~50 steps on it, ~400 with 999·t.
-    two_times adds an embedding of a second time s (TraFlow) to the first layer."""
+    """Velocity field for 2-D toys: an MLP on (x, embedding of 10·t); RK45 takes ~50 steps on it, ~400 with 999·t."""
 
     def __init__(self, dim=2, hidden=256, depth=3, temb_dim=64, time_scale=10.0, two_times=False):
         super().__init__()
@@ -110,7 +109,7 @@ class MLP(nn.Module):
         widths = [dim + temb_dim] + [hidden] * depth
         layers = [m for w_in, w_out in zip(widths, widths[1:]) for m in (nn.Linear(w_in, w_out), nn.SiLU())]
         self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
-        self.s_proj = nn.Linear(temb_dim, hidden, bias=False) if two_times else None
+        self.s_proj = nn.Linear(temb_dim, hidden, bias=False) if two_times else None  # TraFlow's second time s
 
     def forward(self, x, t, s=None):
         h = self.net[0](torch.cat([x, time_embedding(t, self.temb_dim, self.time_scale)], dim=1))
@@ -140,7 +139,7 @@ class ResBlock(nn.Module):
         nn.init.xavier_uniform_(self.temb_proj.weight), nn.init.zeros_(self.temb_proj.bias)
         self.norm2, self.dropout = group_norm(ch_out), nn.Dropout(dropout)
         self.conv2 = conv(ch_out, ch_out, zero=True)
-        self.shortcut = conv(ch_in, ch_out, 1) if ch_in != ch_out or resample else None
+        self.shortcut = conv(ch_in, ch_out, 1) if ch_in != ch_out or resample else nn.Identity()
 
     def forward(self, x, temb):
         h = F.silu(self.norm1(x))
@@ -150,9 +149,7 @@ class ResBlock(nn.Module):
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
         h = self.conv1(h) + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        if self.shortcut is not None:
-            x = self.shortcut(x)
-        return (x + h) / math.sqrt(2)  # rescaled skip keeps the variance of deep stacks at 1
+        return (self.shortcut(x) + h) / math.sqrt(2)  # rescaled skip keeps the variance of deep stacks at 1
 
 class Attention(nn.Module):
     """Self-attention over all positions, single head; the residual is rescaled by 1/√2."""
@@ -172,9 +169,8 @@ class Attention(nn.Module):
         return (x + h) / math.sqrt(2)
 
 class UNet(nn.Module):
-    """DDPM++ U-Net of the official (Rectified Flow / SlimFlow) code: level i has nf·ch_mult[i] channels,
-    attention at attn_resolutions. Modules in the order of the official `all_modules` (time MLP, input conv,
-    blocks, output norm and conv); the down path saves skip connections, the up path concatenates them."""
+    """DDPM++ U-Net: level i has nf·ch_mult[i] channels, attention at attn_resolutions, modules in the order of the
+    official `all_modules`; the down path saves skip connections, the up path concatenates them."""
 
     def __init__(self, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
                  dropout=0.15, image_size=32, in_ch=3, two_times=False):
@@ -317,16 +313,13 @@ def sample_with(velocity, z, sampler, nfe=1, rtol=1e-5, atol=1e-5):
 # 4. The objectives
 # One small class per objective, as in EDM's loss.py: objective(net, batch, step) -> (loss, logs); logs stay
 # tensors on the device until printed, so that no training step waits for the host.
-#   RectifiedFlowLoss            the teacher: noise and data paired at random
-#   AnnealingReflowLoss          SlimFlow stage 1: reflow, annealed from random pairs by β(k)
-#   FlowGuidedDistillationLoss   SlimFlow stage 2: the pairs plus the 2-rectified-flow regularizer
 
 def velocity_loss(net, x0, x1):
     """‖(X1 - X0) - v(X_t, t)‖², averaged, with t ~ U[eps, 1]."""
     t = sample_time(x1)
     return (net(interpolate(x0, x1, t), t) - (x1 - x0)).square().mean()
 
-class RectifiedFlowLoss:
+class RectifiedFlowLoss:  # the teacher's objective: noise and data paired at random
     def __call__(self, net, x1, step):
         return velocity_loss(net, torch.randn_like(x1), x1), {}
 
@@ -367,7 +360,6 @@ DISTANCES = {"l2": l2_distance, "huber": pseudo_huber_distance}
 
 class FlowGuidedDistillationLoss:
     """L = D(G(Z0), Z1) + λ·D(G(z), target(z)), with G(z) = z + u(z, eps); λ = 0 is naive distillation.
-
     target(z) solves the frozen 2-rectified flow v2 from fresh noise z in two Euler steps split at t' ~ U(0.2, 0.8),
     under stop-gradient, for noise no stored pair covers: first along v2(z, eps) ("paper") or u(z, eps) ("official")."""
 
@@ -435,8 +427,7 @@ class TraFlowLoss:
             s = later()
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
                 g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
-            with torch.no_grad():
-                v = self.teacher(g, s)
+            v = self.teacher(g.detach(), s)  # the target, under stop-gradient
             losses["vel"] = self.lambda_vel * (dg_ds - v).square().mean()
         if self.phase_steps == 0 or step < self.phase_steps:
             u = later()
@@ -499,13 +490,6 @@ def fid_inception(weights=None):
             return super()._forward(x)[:-1] + [self.branch_pool(self.pool(x))]
 
     class FIDInception(tv.Inception3):
-        def __init__(self):
-            blocks = [tv.BasicConv2d, type("A", (PaddingFreePool, tv.InceptionA), {}), tv.InceptionB,
-                      type("C", (PaddingFreePool, tv.InceptionC), {}), tv.InceptionD,
-                      type("E", (PaddingFreePool, tv.InceptionE), {}), tv.InceptionAux]
-            super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
-            self.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
-
         def forward(self, x):
             x = (x.float().expand(-1, 3, -1, -1) + 1) * 127.5  # grey -> RGB, and 8-bit values
             x = (tf1_resize(x, 299) - 128) / 128  # the graph's own resize and scaling
@@ -513,7 +497,11 @@ def fid_inception(weights=None):
                 x = layer(x)
             return x.flatten(1)
 
-    net = FIDInception()
+    blocks = [tv.BasicConv2d, type("A", (PaddingFreePool, tv.InceptionA), {}), tv.InceptionB,
+              type("C", (PaddingFreePool, tv.InceptionC), {}), tv.InceptionD,
+              type("E", (PaddingFreePool, tv.InceptionE), {}), tv.InceptionAux]
+    net = FIDInception(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
+    net.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
     if weights is not None:
         load_weights(net, weights, "FID Inception")
     return net.eval().requires_grad_(False)
@@ -531,10 +519,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if not np.isfinite(root).all():  # singular product: nudge both covariances off singularity
         offset = eps * np.eye(len(sigma1))
         root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(root):  # round-off leaves tiny imaginary parts; large ones are an error
-        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(S1·S2) has an imaginary part of {np.abs(root.imag).max():.3g}")
-        root = root.real
+    if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):  # tiny imaginary parts are round-off; large, an error
+        raise ValueError(f"sqrtm(S1·S2) has an imaginary part of {np.abs(root.imag).max():.3g}")
+    root = root.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
 
@@ -547,11 +534,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay=0.0, grad_clip=1.0,
           ema_decay=0.999, seed=0, device="cpu", precision="fp32", compile=False, checkpoint=None, meta=None,
           resume=False, log_every=100, ckpt_every=1000, preview=None, preview_every=0):
-    """Minimise objective(model, batch, step) for `steps` AdamW steps; return the EMA of net.
-    batch = data.sample(batch_size), this process's share of the global batch. The learning rate warms up
-    linearly over lr_warmup steps, gradients are clipped to norm grad_clip (0: off), and the EMA decays by
-    min(ema_decay, (1 + n)/(10 + n)) at update n. A `checkpoint` path saves the run every ckpt_every steps, with
-    meta (stage, dataset, model_name, data_shape); resume=True continues it. preview(ema, step): every preview_every."""
+    """Minimise objective(model, batch, step) for `steps` steps, batch = data.sample(batch_size) (this process's share
+    of the global batch); return the EMA of net. A `checkpoint` path saves the run every ckpt_every steps, with meta
+    (stage, dataset, model_name, data_shape); resume=True continues it. preview(ema, step): every preview_every."""
     settings = {k: v for k, v in locals().items() if isinstance(v, (bool, int, float, str))}  # for checkpoints
     meta, (rank, processes) = meta or {"stage": "train"}, world()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -583,7 +568,6 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
             with torch.no_grad():  # the EMA, warm (short runs need it), in one fused call on a GPU
                 decay = min(ema_decay, (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
-
             log, save = step % log_every == 0 or step == steps, step % ckpt_every == 0 or step == steps
             show = preview is not None and preview_every and step % preview_every == 0
             if (log or save or show) and first_bad_step(bad_step) < steps:  # so a NaN never reaches a checkpoint
@@ -648,11 +632,10 @@ def stage_distill(cfg):
     train_stage(cfg, "distill", G, objective, load_pairs(cfg), preview=lambda g, z: g(z), model_name=ckpt["model_name"])
 
 def stage_traflow(cfg):
-    """TraFlow from the teacher (or from v2: --traflow-from reflow) on its pairs. The student
-    starts as that flow, its s embedding a copy of t's (add_second_time)."""
+    """TraFlow on the pairs: the student starts as the teacher (or as v2: --traflow-from reflow)."""
     v, ckpt = load_stage_network(cfg, cfg.traflow_from)
     student = build_model(ckpt["model_name"], cfg.shape, two_times=True)
-    student.load_state_dict(add_second_time(v.state_dict()))
+    student.load_state_dict(add_second_time(v.state_dict()))  # its s embedding: a copy of t's
     objective = TraFlowLoss(v, cfg.lambda_vel, cfg.lambda_cons, cfg.traflow_phases, cfg.traflow_midpoint,
                             cfg.traflow_target)
     print(f"[traflow] from the {cfg.traflow_from} flow: lambda_vel {cfg.lambda_vel}, lambda_cons "
