@@ -1527,10 +1527,9 @@ def stage_bench(cfg):
     for name in dict.fromkeys([cfg.model, cfg.teacher_model]):
         torch.manual_seed(cfg.seed)
         start = build_model(name, cfg.shape).to(device)
-        with torch.no_grad():  # untrained weights, but a non-zero field, so RK45 has work to do
-            for p in start.parameters():
-                if p.abs().sum() == 0:
-                    p.add_(0.02 * torch.randn_like(p))
+        for p in start.parameters():  # untrained weights, but a non-zero field, so RK45 has work to do
+            if not p.any():  # a zero-initialised weight or bias
+                nn.init.normal_(p, std=0.02)
         if isinstance(start, UNet) and cuda:
             start = start.to(memory_format=torch.channels_last)
         params, macs = num_params(start), count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
