@@ -1267,27 +1267,25 @@ def download(url, folder, what, flag):
     """The file at url, kept in folder: downloaded once, with a progress line; offline, a one-line error."""
     import urllib.request
     path = Path(folder) / url.split("?")[0].rsplit("/", 1)[1]
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with urllib.request.urlopen(url, timeout=20) as response:  # never hang offline
-                size = int(response.headers.get("Content-Length") or 0)
 
-                def copy(f):  # in chunks, to the temporary file: a 0.5 GB file is never held in memory
-                    while chunk := response.read(1 << 22):
-                        f.write(chunk)
-                        print(f"\r[download] {path.name}: {f.tell() / 1e6:.1f} of {size / 1e6:.1f} MB", end="")
-                    print()
-                save_atomic(copy, path)
+    def copy(f):  # in chunks, into save_atomic's temporary file: a 0.5 GB file is never held in memory
+        with urllib.request.urlopen(url, timeout=20) as response:  # never hang offline
+            size = int(response.headers.get("Content-Length") or 0)
+            while chunk := response.read(1 << 22):
+                f.write(chunk)
+                print(f"\r[download] {path.name}: {f.tell() / 1e6:.1f} of {size / 1e6:.1f} MB", end="")
+        print()
+    if not path.exists():
+        try:
+            save_atomic(copy, path)
         except OSError as err:
             raise UsageError(f"could not download {what} ({err}); download {url} and put it at {path.resolve()}, "
                              f"or pass {flag} PATH") from None
     return path
 
 def fid_metric(cfg, extractor=None):
-    """fid(x): the FID of images x against the training set. Everything it needs is ready before the first
-    sample: the Inception weights, and the training set's statistics (--fid-stats, or computed once and cached
-    in --data-dir per dataset, size, image count and feature network)."""
+    """fid(x): the FID of images x against the training set. Ready before the first sample: the Inception weights
+    and the training set's statistics (--fid-stats, or computed once and cached in --data-dir)."""
     if extractor is None:
         extractor = fid_inception(cfg.fid_weights or download(FID_WEIGHTS_URL, Path(cfg.data_dir) / "fid",
                                                               "the FID Inception weights", "--fid-weights"))
@@ -1482,10 +1480,9 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
 # 16. Bench
 
 def stage_bench(cfg):
-    """Samples per second of the student (--model) and the teacher (--teacher-model): a training step at
-    --batch-size, one-step and RK45 sampling, each also as a fraction of the ceiling that the device's measured
-    matmul rate sets from the network's MACs (a training step ≈ 3 passes of 2·MACs FLOPs per sample). All in one
-    run, so the rows compare: fp32 and, on a GPU with bf16, bf16 (or only --precision's), each also with --compile."""
+    """Samples/s of the student (--model) and the teacher (--teacher-model): training steps at --batch-size, one-step
+    and RK45 sampling, each also as a fraction of the device's matmul ceiling for its MACs (a training step ≈ 3 passes
+    of 2·MACs FLOPs). One run, so rows compare: fp32 and, on a bf16 GPU, bf16 (or --precision); also with --compile."""
     device, cuda = cfg.device, torch.device(cfg.device).type == "cuda"
     both = cuda and torch.cuda.is_bf16_supported() and "precision" not in cfg.given
     ceilings, n = {}, 8192 if cuda else 1024
@@ -1501,10 +1498,9 @@ def stage_bench(cfg):
     for name in dict.fromkeys([cfg.model, cfg.teacher_model]):
         torch.manual_seed(cfg.seed)
         start = build_model(name, cfg.shape).to(device)
-        with torch.no_grad():  # untrained weights, but a non-zero field, so RK45 has work to do
-            for p in start.parameters():
-                if p.abs().sum() == 0:
-                    p.add_(0.02 * torch.randn_like(p))
+        for p in start.parameters():  # untrained weights, but a non-zero field, so RK45 has work to do
+            if not p.any():  # a zero-initialised weight or bias
+                nn.init.normal_(p, std=0.02)
         if isinstance(start, UNet) and cuda:
             start = start.to(memory_format=torch.channels_last)
         params, macs = num_params(start), count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
