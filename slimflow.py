@@ -1543,26 +1543,24 @@ def stage_bench(cfg):
 
 DEFAULTS = {
     "all": dict(dataset="8gaussians", stage="all", out=None, data_dir="data", image_size=32, max_images=None,
-                flip=None, teacher_model=None, model=None, teacher_ckpt=None, init_ckpt=None, weight_decay=0.0,
-                seed=0, device="auto", precision=None, compile=False, resume=False, overwrite=False, rtol=1e-5,
-                atol=1e-5, beta_schedule="linear", distance="l2", reg_weight=1.0, target_form="official",
-                traflow_from="teacher", lambda_vel=1.0, lambda_cons=1.0, traflow_phases=0,
-                traflow_midpoint="student", traflow_target="stopgrad", sampler="rk45", nfe=1, sample_from=None,
-                fid_weights=None, fid_stats=None, lpips_weights=None),
-    "toy": dict(teacher_model="mlp-256x3", model="mlp-96x3", batch_size=256, lr=1e-3, lr_warmup=100,
-                grad_clip=1.0, ema_decay=0.999, num_pairs=20_000, pairs_batch=20_000, num_samples=10_000,
-                log_every=500, ckpt_every=1000, preview_every=0, anneal_steps=1000,
+                teacher_ckpt=None, init_ckpt=None, weight_decay=0.0, seed=0, device="auto", precision=None,
+                compile=False, resume=False, overwrite=False, rtol=1e-5, atol=1e-5, beta_schedule="linear",
+                distance="l2", reg_weight=1.0, target_form="official", traflow_from="teacher", lambda_vel=1.0,
+                lambda_cons=1.0, traflow_phases=0, traflow_midpoint="student", traflow_target="stopgrad",
+                sampler="rk45", nfe=1, sample_from=None, fid_weights=None, fid_stats=None, lpips_weights=None),
+    "toy": dict(teacher_model="mlp-256x3", model="mlp-96x3", batch_size=256, lr=1e-3, lr_warmup=100, grad_clip=1.0,
+                ema_decay=0.999, num_pairs=20_000, pairs_batch=20_000, num_samples=10_000, log_every=500,
+                ckpt_every=1000, preview_every=0, anneal_steps=1000, flip=False,
                 steps=dict(teacher=3000, reflow=3000, distill=2000, traflow=2000)),
     "image": dict(teacher_model="rf-61.8m", model="slim-15.7m", batch_size=128, lr=2e-4, lr_warmup=5000,
-                  grad_clip=1.0, ema_decay=0.999999, num_pairs=50_000, pairs_batch=500, num_samples=64,
-                  log_every=100, ckpt_every=5000, preview_every=5000, anneal_steps=300_000, distance="lpips",
+                  grad_clip=1.0, ema_decay=0.999999, num_pairs=50_000, pairs_batch=500, num_samples=64, log_every=100,
+                  ckpt_every=5000, preview_every=5000, anneal_steps=300_000, distance="lpips", flip=True,
                   steps=dict(teacher=800_000, reflow=500_000, distill=200_000, traflow=200_000)),
     "image distill": dict(flip=False, lr_warmup=0),  # fine-tuning v2, as the official code does
     "image eval": dict(num_samples=50_000),  # the paper's FID protocol
     "shapes": dict(teacher_model="unet-tiny", model="unet-micro", batch_size=64, lr=1e-3, lr_warmup=100,
-                   ema_decay=0.999, num_pairs=2000, pairs_batch=500, log_every=50, ckpt_every=500,
-                   preview_every=500, anneal_steps=500, distance="l2",
-                   steps=dict(teacher=2000, reflow=1000, distill=500, traflow=500)),
+                   ema_decay=0.999, num_pairs=2000, pairs_batch=500, log_every=50, ckpt_every=500, preview_every=500,
+                   anneal_steps=500, distance="l2", steps=dict(teacher=2000, reflow=1000, distill=500, traflow=500)),
 }
 
 class Settings(types.SimpleNamespace):
@@ -1572,8 +1570,7 @@ class Settings(types.SimpleNamespace):
         raise AttributeError(f"settings are never changed ({name}); build others with settings_for()")
 
 def settings_for(given, stage=None):
-    """The settings of `stage` (default: the one given): DEFAULTS for every run, the data's kind and the stage,
-    then `given` (flag name -> value); and what follows: the device, the precision, `toy` and the data's `shape`."""
+    """The settings of `stage` (default: the one given), built from `given` (flag name -> value) and checked."""
     stage = stage or given.get("stage", DEFAULTS["all"]["stage"])
     dataset = given.get("dataset", DEFAULTS["all"]["dataset"])
     toy = dataset in TOY_DATASETS
@@ -1584,33 +1581,29 @@ def settings_for(given, stage=None):
     merged["out"] = merged["out"] or str(Path("runs") / dataset)
     merged["device"] = resolve_device(merged["device"])
     merged["precision"] = resolve_precision(merged["precision"], merged["device"])
-    merged["flip"] = (not toy) if merged["flip"] is None else merged["flip"]
     size = merged["image_size"]
     merged["shape"] = (2,) if toy else (1 if dataset in ("mnist", "fashion_mnist") else 3, size, size)
     if toy and merged["distance"] == "lpips":
         raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
     if merged["resume"] and merged["overwrite"]:
         raise UsageError("--resume continues a stage and --overwrite starts it over: pass one of them")
-    for flag in ("teacher_model", "model"):  # a preset of the data's kind, which can halve the image evenly
-        name, presets = merged[flag], MLP_PRESETS if toy else PRESETS
+    for flag in ("teacher-model", "model"):  # a preset of the data's kind, which can halve the image evenly
+        name, presets = merged[flag.replace("-", "_")], MLP_PRESETS if toy else PRESETS
         if name not in presets:
-            raise UsageError(f"--{flag.replace('_', '-')} {name} does not fit {kind} data; choose from "
-                             f"{', '.join(presets)}")
+            raise UsageError(f"--{flag} {name} does not fit {kind} data; choose from {', '.join(presets)}")
         multiple = 1 if toy else 2 ** (len(presets[name]["ch_mult"]) - 1)  # the U-Net halves it once per level
         if not toy and (size % multiple or size < 8):
             raise UsageError(f"--image-size {size}: {name} needs a multiple of {multiple}, at least 8")
     return Settings(**merged, given=types.MappingProxyType(dict(given)))
 
-def number(kind, strict=True, below=None):
-    """An argparse type: a finite `kind` > 0 (strict) or >= 0, and below `below` when given."""
+def number(kind, strict=True, below=math.inf):
+    """An argparse type: a finite `kind` > 0 (strict) or >= 0, and below `below`."""
+    need = ">= 0" if not strict else "a positive integer" if kind is int else "positive"
+    need = f"in [0, {below})" if below < math.inf else f"{need} and finite" if kind is float else need
     def parse(text):
         value = kind(text)
-        if not ((kind is int or math.isfinite(value)) and (value > 0 if strict else value >= 0)
-                and (below is None or value < below)):
-            need = (f"in [0, {below})" if below is not None else ">= 0" if not strict
-                    else "a positive integer" if kind is int else "positive")
-            finite = " and finite" if kind is float and below is None else ""
-            raise argparse.ArgumentTypeError(f"must be {need}{finite}, got {text}")
+        if not (0 <= value < below and (value > 0 or not strict)):  # NaN fails it; ints of any size compare exactly
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse says "invalid int value: 'x'"
     return parse
@@ -1621,8 +1614,8 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     """The command line's settings. The defaults live in DEFAULTS: argparse records only the flags given."""
-    count, positive, switch = number(int), number(float), dict(action="store_true")
-    count_or_0, at_least_0 = number(int, strict=False), number(float, strict=False)
+    count, count_or_0, switch = number(int), number(int, strict=False), dict(action="store_true")
+    positive, at_least_0, fraction = number(float), number(float, strict=False), number(float, strict=False, below=1)
     flags = [  # (flag, its type, or its choices, or other arguments of add_argument; help)
         ("--dataset", TOY_DATASETS + IMAGE_DATASETS, "default 8gaussians"), ("--stage", tuple(STAGES), "default all"),
         ("--out", str, "run directory (default runs/<dataset>)"),
@@ -1631,14 +1624,12 @@ def parse_args(argv=None):
         ("--flip", dict(action=argparse.BooleanOptionalAction), "random horizontal flips (default on for images)"),
         ("--teacher-model", str, f"teacher preset: {', '.join([*PRESETS, *MLP_PRESETS])}"),
         ("--model", str, "student preset (reflow and distill)"),
-        ("--teacher-ckpt", str, "teacher checkpoint (a path or URL) instead of <out>/teacher.pt, ours or official"),
-        ("--init-ckpt", str,
-         "2-rectified flow to distill (a path or URL) instead of <out>/reflow.pt, ours or official"),
+        ("--teacher-ckpt", str, "teacher checkpoint (path or URL) instead of <out>/teacher.pt, ours or official"),
+        ("--init-ckpt", str, "2-rectified flow to distill (path or URL) instead of <out>/reflow.pt, ours or official"),
         ("--steps", count, "training steps of the stage (all: of every stage)"), ("--batch-size", count, None),
         ("--lr", positive, None), ("--lr-warmup", count_or_0, "learning-rate warm-up steps"),
         ("--weight-decay", at_least_0, None), ("--grad-clip", at_least_0, "max gradient norm (0: off)"),
-        ("--ema-decay", number(float, strict=False, below=1), None),
-        ("--seed", number(int, strict=False, below=2**32), None),
+        ("--ema-decay", fraction, None), ("--seed", number(int, strict=False, below=2**32), None),
         ("--device", str, "auto (default), cpu, cuda, cuda:N or mps"),
         ("--precision", ("fp32", "bf16"), "bf16 autocast (default on GPUs with bf16)"),
         ("--compile", switch, "torch.compile the network for training"),
@@ -1648,8 +1639,7 @@ def parse_args(argv=None):
         ("--preview-every", count_or_0, "sample previews every N steps (0: off)"),
         ("--num-pairs", count, "reflow pairs to generate"),
         ("--pairs-batch", count, "batch size of RK45 pair generation (one shard) and of sampling"),
-        ("--rtol", positive, "RK45 relative tolerance (default 1e-5)"),
-        ("--atol", positive, "RK45 absolute tolerance (default 1e-5)"),
+        ("--rtol", positive, "RK45 tolerance (default 1e-5)"), ("--atol", positive, "RK45 tolerance (default 1e-5)"),
         ("--anneal-steps", count_or_0, "Annealing Reflow's K (0: plain reflow)"),
         ("--beta-schedule", ("linear", "cosine", "exponential"), "default linear"),
         ("--distance", ("l2", "huber", "lpips"), "default l2"),
@@ -1664,8 +1654,7 @@ def parse_args(argv=None):
         ("--traflow-midpoint", ("student", "teacher"), "default student"),
         ("--traflow-target", ("stopgrad", "ema"), "default stopgrad"), ("--sampler", SAMPLERS, "default rk45"),
         ("--nfe", count, "euler: N steps; heun: (N+1)//2 steps, NFE 2·steps - 1; traflow: N jumps"),
-        ("--from", dict(dest="sample_from", choices=SAMPLE_SOURCES),
-         "stage to sample or evaluate (default: the latest)"),
+        ("--from", dict(dest="sample_from", choices=SAMPLE_SOURCES), "stage to sample or evaluate (default: latest)"),
         ("--num-samples", count, "samples to draw (eval on images: 50,000)"),
         ("--fid-weights", str, "FID Inception weights (default: downloaded once into <data-dir>/fid)"),
         ("--fid-stats", str, "the training set's FID statistics, an .npz of mu and sigma (default: computed)"),
@@ -1697,8 +1686,7 @@ def resolve_precision(precision, device):
     return precision or ("bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
 
 STAGES = {"teacher": stage_teacher, "pairs": stage_pairs, "reflow": stage_reflow, "distill": stage_distill,
-          "traflow": stage_traflow, "sample": stage_sample, "eval": stage_eval, "bench": stage_bench,
-          "all": stage_all}
+          "traflow": stage_traflow, "sample": stage_sample, "eval": stage_eval, "bench": stage_bench, "all": stage_all}
 
 def run_stage(cfg):
     """One stage, after the checks that need no work: a finished stage is never silently replaced."""
@@ -1723,14 +1711,12 @@ def lock_run_directory(cfg):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
         lock.close()
+        holder = (out / ".lock").read_text().strip() or "?"
         raise UsageError(f"{out} is in use by another slimflow run (process {holder}); wait for it to end or pass "
                          f"another --out") from None
     lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
+    print(os.getpid(), file=lock, flush=True)
     return lock
 
 def main(argv=None):
