@@ -1070,11 +1070,10 @@ def lpips_network(weights=None):
             ends = (0, 4, 9, 16, 23, 30)  # slices end at relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3
             self.net = nn.ModuleDict({f"slice{k + 1}": nn.Sequential(OrderedDict((str(i), vgg[i]) for i in range(a, b)))
                                       for k, (a, b) in enumerate(zip(ends, ends[1:]))})
-            lins = [nn.Module() for _ in range(5)]
-            for k, (lin, width) in enumerate(zip(lins, (64, 128, 256, 512, 512))):
-                lin.model = nn.Sequential(nn.Identity(), nn.Conv2d(width, 1, 1, bias=False))  # Identity: lpips' dropout
-                setattr(self, f"lin{k}", lin)
-            self.lins = nn.ModuleList(lins)  # lpips holds each twice, as lin<k> and lins.<k>
+            convs = [nn.Conv2d(width, 1, 1, bias=False) for width in (64, 128, 256, 512, 512)]  # weights per channel
+            self.lins = nn.ModuleList(nn.ModuleDict({"model": nn.Sequential(nn.Identity(), conv)}) for conv in convs)
+            for k, lin in enumerate(self.lins):  # lpips holds each twice, as lins.<k> and lin<k>; Identity: its dropout
+                self.add_module(f"lin{k}", lin)
 
         def forward(self, a, b):  # unit-normalised features' squared differences, weighed per channel
             x, distance = (torch.cat([a, b]) - self.scaling_layer.shift) / self.scaling_layer.scale, 0
@@ -1084,8 +1083,7 @@ def lpips_network(weights=None):
                 distance = distance + lin.model((fa - fb).square()).mean((2, 3))
             return distance.flatten()
 
-    net = LPIPS() if weights is None else load_weights(LPIPS(), weights, "LPIPS")
-    return net.eval().requires_grad_(False)
+    return (LPIPS() if weights is None else load_weights(LPIPS(), weights, "LPIPS")).eval().requires_grad_(False)
 
 def lpips_distance(cfg):
     """The official distillation distance: LPIPS at 64x64 (bilinear, align_corners=True; grey as RGB), with
@@ -1095,11 +1093,8 @@ def lpips_distance(cfg):
         vgg, lin = (load_file(download(url, Path(cfg.data_dir) / "lpips", "the LPIPS weights", "--lpips-weights"),
                               "an LPIPS weights") for url in LPIPS_URLS)
         weights = lpips_network().state_dict()  # the layout, and the input scaling's constants
-        for key in weights:
-            if key.startswith("net."):  # net.slice<k>.<i>.* is torchvision's features.<i>.*
-                weights[key] = vgg["features." + key.split(".", 2)[2]]
-            elif key.startswith("lin"):  # lins.<k>.* is lin<k>.* again
-                weights[key] = lin[key.replace("lins.", "lin")]
+        weights.update({k: vgg["features." + k.split(".", 2)[2]] for k in weights if k.startswith("net.")})  # VGG16
+        weights.update({k: lin[k.replace("lins.", "lin")] for k in weights if k.startswith("lin")})  # lins.<k>: lin<k>
     net = lpips_network(weights).to(cfg.device)
 
     def distance(a, b):
