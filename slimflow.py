@@ -1147,30 +1147,27 @@ def solve_pairs(cfg, z0, solve, teacher):
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
     recipe = {"dataset": cfg.dataset, "shape": list(cfg.shape), "seed": cfg.seed, "num_pairs": cfg.num_pairs,
               "pairs_batch": cfg.pairs_batch, "rtol": cfg.rtol, "atol": cfg.atol, "teacher": weights.hexdigest()}
-
-    def change(made):  # how a file's recipe differs from this run's, in words
-        return ("by an older slimflow, which kept no recipe" if made is None
-                else "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k]))
-    if path.exists() and cfg.resume:  # reused only for the same teacher and recipe
-        if (made := read_checkpoint(path).get("recipe")) != recipe:
-            raise UsageError(f"{path} was solved {change(made)}; solve them again with: "
-                             f"python slimflow.py {make_command(cfg, 'pairs')} --overwrite")
+    reuse = path.exists() and cfg.resume  # pairs.pt is reused for the same teacher and recipe only
+    made = read_checkpoint(path).get("recipe") if reuse else read_json(shards / "recipe.json", default=recipe)
+    change = ("by an older slimflow, which kept no recipe" if made is None  # how it differs from this run's, in words
+              else "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k]))
+    if made != recipe and reuse:
+        raise UsageError(f"{path} was solved {change}; solve them again with: "
+                         f"python slimflow.py {make_command(cfg, 'pairs')} --overwrite")
+    if made != recipe and not cfg.overwrite:
+        raise UsageError(f"{shards} holds shards solved {change}; pass --overwrite to start over")
+    if reuse:
         print(f"[pairs] reusing {path}: same teacher and recipe")
         return
-    made = read_json(shards / "recipe.json", default=recipe)
-    if made != recipe and not cfg.overwrite:
-        raise UsageError(f"{shards} holds shards solved {change(made)}; pass --overwrite to start over")
-    barrier()  # every process has read the old recipe before rank 0 replaces it
+    z0, starts = z0.to(torch.float32 if cfg.toy else torch.float16), range(0, cfg.num_pairs, cfg.pairs_batch)
+    shard = {i: shards / f"{i:09d}-{min(i + cfg.pairs_batch, cfg.num_pairs):09d}.pt" for i in starts}
+    todo = [i for i in starts if cfg.overwrite or not shard[i].exists()]  # --overwrite: all, removed below
+    barrier()  # every process has read the old recipe and listed the missing shards before rank 0 starts over
     if rank == 0:
         if cfg.overwrite:
             shutil.rmtree(shards, ignore_errors=True)
-        shards.mkdir(parents=True, exist_ok=True)
         save_json(recipe, shards / "recipe.json")
     barrier()
-    z0, starts = z0.to(torch.float32 if cfg.toy else torch.float16), range(0, cfg.num_pairs, cfg.pairs_batch)
-    shard = {i: shards / f"{i:09d}-{min(i + cfg.pairs_batch, cfg.num_pairs):09d}.pt" for i in starts}
-    todo = [i for i in starts if not shard[i].exists()]
-    barrier()  # every process has listed the missing shards before any writes one: they share one list
     if len(todo) < len(starts):
         print(f"[pairs] {len(starts) - len(todo)} of {len(starts)} shards already in {shards}; solving the rest")
     tic = time.time()
@@ -1181,8 +1178,7 @@ def solve_pairs(cfg, z0, solve, teacher):
             print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {min(n * processes, len(todo))}/{len(todo)} shards in "
                   f"{time.time() - tic:.1f}s", flush=True)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"[pairs] the shards solved are kept in {shards}: the same command goes on from them"
-                                ) from None
+        raise KeyboardInterrupt(f"[pairs] shards solved stay in {shards}: the same command goes on from them") from None
     barrier()
     if rank == 0:
         parts = [load_file(shard[i], "a pairs shard") for i in starts]
