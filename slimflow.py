@@ -1041,11 +1041,10 @@ def lpips_network(weights=None):
             ends = (0, 4, 9, 16, 23, 30)  # slices end at relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3
             self.net = nn.ModuleDict({f"slice{k + 1}": nn.Sequential(OrderedDict((str(i), vgg[i]) for i in range(a, b)))
                                       for k, (a, b) in enumerate(zip(ends, ends[1:]))})
-            lins = [nn.Module() for _ in range(5)]
-            for k, (lin, width) in enumerate(zip(lins, (64, 128, 256, 512, 512))):
-                lin.model = nn.Sequential(nn.Identity(), nn.Conv2d(width, 1, 1, bias=False))  # Identity: lpips' dropout
-                setattr(self, f"lin{k}", lin)
-            self.lins = nn.ModuleList(lins)  # lpips holds each twice, as lin<k> and lins.<k>
+            convs = [nn.Conv2d(width, 1, 1, bias=False) for width in (64, 128, 256, 512, 512)]  # weights per channel
+            self.lins = nn.ModuleList(nn.ModuleDict({"model": nn.Sequential(nn.Identity(), conv)}) for conv in convs)
+            for k, lin in enumerate(self.lins):  # lpips holds each twice, as lins.<k> and lin<k>; Identity: its dropout
+                self.add_module(f"lin{k}", lin)
 
         def forward(self, a, b):  # unit-normalised features' squared differences, weighed per channel
             x, distance = (torch.cat([a, b]) - self.scaling_layer.shift) / self.scaling_layer.scale, 0
@@ -1055,8 +1054,7 @@ def lpips_network(weights=None):
                 distance = distance + lin.model((fa - fb).square()).mean((2, 3))
             return distance.flatten()
 
-    net = LPIPS() if weights is None else load_weights(LPIPS(), weights, "LPIPS")
-    return net.eval().requires_grad_(False)
+    return (LPIPS() if weights is None else load_weights(LPIPS(), weights, "LPIPS")).eval().requires_grad_(False)
 
 def lpips_distance(cfg):
     """The official distillation distance: LPIPS at 64x64 (bilinear, align_corners=True; grey as RGB), with
@@ -1066,11 +1064,8 @@ def lpips_distance(cfg):
         vgg, lin = (load_file(download(url, Path(cfg.data_dir) / "lpips", "the LPIPS weights", "--lpips-weights"),
                               "an LPIPS weights") for url in LPIPS_URLS)
         weights = lpips_network().state_dict()  # the layout, and the input scaling's constants
-        for key in weights:
-            if key.startswith("net."):  # net.slice<k>.<i>.* is torchvision's features.<i>.*
-                weights[key] = vgg["features." + key.split(".", 2)[2]]
-            elif key.startswith("lin"):  # lins.<k>.* is lin<k>.* again
-                weights[key] = lin[key.replace("lins.", "lin")]
+        weights.update({k: vgg["features." + k.split(".", 2)[2]] for k in weights if k.startswith("net.")})  # VGG16
+        weights.update({k: lin[k.replace("lins.", "lin")] for k in weights if k.startswith("lin")})  # lins.<k>: lin<k>
     net = lpips_network(weights).to(cfg.device)
 
     def distance(a, b):
@@ -1081,9 +1076,8 @@ def lpips_distance(cfg):
 def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
     """train() in cfg's settings, checkpointed to --out, with previews of preview(ema, z); returns the EMA."""
     model_name = model_name or (cfg.teacher_model if stage == "teacher" else cfg.model)
-    processes = world()[1]
     print(f"[{stage}] {model_name}: {num_params(net):,} parameters, {cfg.steps} steps of batch "
-          f"{cfg.batch_size} on {cfg.device}" + (f" x {processes} processes" if processes > 1 else ""))
+          f"{cfg.batch_size} on {cfg.device}" + (f" x {world()[1]} processes" if world()[1] > 1 else ""))
     net = net.to(cfg.device)
     if torch.device(cfg.device).type == "cuda" and any(isinstance(m, UNet) for m in net.modules()):
         net = net.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
@@ -1123,30 +1117,27 @@ def solve_pairs(cfg, z0, solve, teacher):
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in teacher.parameters()))
     recipe = {"dataset": cfg.dataset, "shape": list(cfg.shape), "seed": cfg.seed, "num_pairs": cfg.num_pairs,
               "pairs_batch": cfg.pairs_batch, "rtol": cfg.rtol, "atol": cfg.atol, "teacher": weights.hexdigest()}
-
-    def change(made):  # how a file's recipe differs from this run's, in words
-        return ("by an older slimflow, which kept no recipe" if made is None
-                else "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k]))
-    if path.exists() and cfg.resume:  # reused only for the same teacher and recipe
-        if (made := read_checkpoint(path).get("recipe")) != recipe:
-            raise UsageError(f"{path} was solved {change(made)}; solve them again with: "
-                             f"python slimflow.py {make_command(cfg, 'pairs')} --overwrite")
+    reuse = path.exists() and cfg.resume  # pairs.pt is reused for the same teacher and recipe only
+    made = read_checkpoint(path).get("recipe") if reuse else read_json(shards / "recipe.json", default=recipe)
+    change = ("by an older slimflow, which kept no recipe" if made is None  # how it differs from this run's, in words
+              else "with another " + ", ".join(k for k in recipe if made.get(k) != recipe[k]))
+    if made != recipe and reuse:
+        raise UsageError(f"{path} was solved {change}; solve them again with: "
+                         f"python slimflow.py {make_command(cfg, 'pairs')} --overwrite")
+    if made != recipe and not cfg.overwrite:
+        raise UsageError(f"{shards} holds shards solved {change}; pass --overwrite to start over")
+    if reuse:
         print(f"[pairs] reusing {path}: same teacher and recipe")
         return
-    made = read_json(shards / "recipe.json", default=recipe)
-    if made != recipe and not cfg.overwrite:
-        raise UsageError(f"{shards} holds shards solved {change(made)}; pass --overwrite to start over")
-    barrier()  # every process has read the old recipe before rank 0 replaces it
+    z0, starts = z0.to(torch.float32 if cfg.toy else torch.float16), range(0, cfg.num_pairs, cfg.pairs_batch)
+    shard = {i: shards / f"{i:09d}-{min(i + cfg.pairs_batch, cfg.num_pairs):09d}.pt" for i in starts}
+    todo = [i for i in starts if cfg.overwrite or not shard[i].exists()]  # --overwrite: all, removed below
+    barrier()  # every process has read the old recipe and listed the missing shards before rank 0 starts over
     if rank == 0:
         if cfg.overwrite:
             shutil.rmtree(shards, ignore_errors=True)
-        shards.mkdir(parents=True, exist_ok=True)
         save_json(recipe, shards / "recipe.json")
     barrier()
-    z0, starts = z0.to(torch.float32 if cfg.toy else torch.float16), range(0, cfg.num_pairs, cfg.pairs_batch)
-    shard = {i: shards / f"{i:09d}-{min(i + cfg.pairs_batch, cfg.num_pairs):09d}.pt" for i in starts}
-    todo = [i for i in starts if not shard[i].exists()]
-    barrier()  # every process has listed the missing shards before any writes one: they share one list
     if len(todo) < len(starts):
         print(f"[pairs] {len(starts) - len(todo)} of {len(starts)} shards already in {shards}; solving the rest")
     tic = time.time()
@@ -1157,8 +1148,7 @@ def solve_pairs(cfg, z0, solve, teacher):
             print(f"[pairs] shard {shard[i].stem}  NFE {nfe}  {min(n * processes, len(todo))}/{len(todo)} shards in "
                   f"{time.time() - tic:.1f}s", flush=True)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"[pairs] the shards solved are kept in {shards}: the same command goes on from them"
-                                ) from None
+        raise KeyboardInterrupt(f"[pairs] shards solved stay in {shards}: the same command goes on from them") from None
     barrier()
     if rank == 0:
         parts = [load_file(shard[i], "a pairs shard") for i in starts]
