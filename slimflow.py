@@ -1090,18 +1090,24 @@ def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
                  preview=lambda ema, step: save_preview(preview(ema, z), folder / f"{stage}_{step:07d}.png", cfg))
 
 def save_preview(x, path, cfg):
-    """A PNG of samples: an image grid, or a 2-D scatter over the data."""
+    """A PNG of samples: an image grid, or 2-D samples over the data; or panels {title: paths (steps, n, 2)}."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if x.dim() == 4:
+    if torch.is_tensor(x) and x.dim() == 4:
         import torchvision
         return torchvision.utils.save_image((x[:64].float().cpu() + 1) / 2, path, nrow=8)
     from matplotlib.figure import Figure  # drawn off-screen, without pyplot
-    ax = Figure(figsize=(4, 4)).subplots()
-    ax.scatter(*toy_data(cfg.dataset, 2000, cfg.seed + 1).T, s=2, c="0.7", label="data")
-    ax.scatter(*x[:2000].cpu().T, s=2, c="C0", label="samples")
-    ax.set(xlim=(-5, 5), ylim=(-5, 5), title=Path(path).stem)
-    ax.legend(loc="upper right", markerscale=4)
-    ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+    panels = x if isinstance(x, dict) else {Path(path).stem: x[None, :2000]}
+    fig, data = Figure(figsize=(4 * len(panels), 4)), toy_data(cfg.dataset, 3000, cfg.seed + 6)
+    for ax, (title, paths) in zip(fig.subplots(1, len(panels), sharey=True, squeeze=False)[0], panels.items()):
+        paths = paths.cpu()
+        ax.scatter(*data.T, s=1, c="0.8")
+        if len(paths) > 1:  # from noise to sample
+            ax.plot(paths[:, :, 0], paths[:, :, 1], c="C0", lw=0.4, alpha=0.5)
+            ax.scatter(*paths[0].T, s=3, c="C1", label="noise Z0")
+        ax.scatter(*paths[-1].T, s=3, c="C2", label="sample")
+        ax.set(title=title, xlim=(-5, 5), ylim=(-5, 5))
+    fig.axes[0].legend(loc="upper right", markerscale=3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
 # -----------------------------------------------------------------------------
@@ -1445,24 +1451,11 @@ def stage_all(cfg):
 
 def plot_trajectories(cfg, teacher, flow2, generator, n=300):
     """Noise-to-data paths: curved for the teacher, nearly straight after reflow, one jump for the generator."""
-    from matplotlib.figure import Figure  # not pyplot: no global state to set or close
-    z = fixed_noise(cfg, n, "trajectories").to(cfg.device)
-    panels = {  # title: paths of shape (steps, n, 2)
+    z, path = fixed_noise(cfg, n, "trajectories").to(cfg.device), Path(cfg.out) / "trajectories.png"
+    save_preview({
         "1-rectified flow teacher (RK45)": rk45_sample(teacher, z, rtol=cfg.rtol, atol=cfg.atol, trajectory=True)[2],
         "2-rectified flow student (20 Euler steps)": euler_sample(flow2, z, 20, trajectory=True)[2],
-        "SlimFlow one-step generator": torch.stack([z, generator(z)])}
-    fig = Figure(figsize=(12, 4))
-    data = toy_data(cfg.dataset, 3000, cfg.seed + 6)
-    for ax, (title, path) in zip(fig.subplots(1, 3, sharex=True, sharey=True), panels.items()):
-        path = path.cpu()
-        ax.scatter(*data.T, s=1, c="0.8")
-        ax.plot(path[:, :, 0], path[:, :, 1], c="C0", lw=0.4, alpha=0.5)
-        ax.scatter(*path[0].T, s=3, c="C1", label="noise Z0")
-        ax.scatter(*path[-1].T, s=3, c="C2", label="sample")
-        ax.set(title=title, xlim=(-5, 5), ylim=(-5, 5))
-    fig.axes[0].legend(loc="upper right", markerscale=3)
-    path = Path(cfg.out) / "trajectories.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+        "SlimFlow one-step generator": torch.stack([z, generator(z)])}, path, cfg)
     print(f"[all] trajectories -> {path}")
 
 
