@@ -31,7 +31,6 @@ try:
     import fcntl  # the run directory's lock (see lock_run_directory); Windows runs without it
 except ImportError:
     fcntl = None
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -1034,13 +1033,12 @@ def lpips_network(weights=None):
             self.scaling_layer = nn.Module()  # [-1, 1] onto ImageNet's statistics
             self.scaling_layer.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
             self.scaling_layer.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-            vgg, ch = [], 3  # torchvision's vgg16().features up to relu5_3, numbered as there
+            vgg, ch = nn.Sequential(), 3  # torchvision's vgg16().features up to relu5_3, numbered as there
             for width in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
-                vgg += [nn.MaxPool2d(2)] if width == "M" else [nn.Conv2d(ch, width, 3, padding=1), nn.ReLU()]
+                vgg.extend([nn.MaxPool2d(2)] if width == "M" else [nn.Conv2d(ch, width, 3, padding=1), nn.ReLU()])
                 ch = ch if width == "M" else width
-            ends = (0, 4, 9, 16, 23, 30)  # slices end at relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3
-            self.net = nn.ModuleDict({f"slice{k + 1}": nn.Sequential(OrderedDict((str(i), vgg[i]) for i in range(a, b)))
-                                      for k, (a, b) in enumerate(zip(ends, ends[1:]))})
+            ends = (0, 4, 9, 16, 23, 30)  # slices (which keep the layers' numbers) end at relu1_2, 2_2, 3_3, 4_3, 5_3
+            self.net = nn.ModuleDict({f"slice{k + 1}": vgg[a:b] for k, (a, b) in enumerate(zip(ends, ends[1:]))})
             convs = [nn.Conv2d(width, 1, 1, bias=False) for width in (64, 128, 256, 512, 512)]  # weights per channel
             self.lins = nn.ModuleList(nn.ModuleDict({"model": nn.Sequential(nn.Identity(), conv)}) for conv in convs)
             for k, lin in enumerate(self.lins):  # lpips holds each twice, as lins.<k> and lin<k>; Identity: its dropout
@@ -1622,7 +1620,7 @@ def parse_args(argv=None):
         ("--preview-every", count_or_0, "sample previews every N steps (0: off)"),
         ("--num-pairs", count, "reflow pairs to generate"),
         ("--pairs-batch", count, "batch size of RK45 pair generation (one shard) and of sampling"),
-        ("--rtol", positive, "RK45 tolerance (default 1e-5)"), ("--atol", positive, "RK45 tolerance (default 1e-5)"),
+        ("--rtol", positive, "RK45 relative tolerance (1e-5)"), ("--atol", positive, "RK45 absolute tolerance (1e-5)"),
         ("--anneal-steps", count_or_0, "Annealing Reflow's K (0: plain reflow)"),
         ("--beta-schedule", ("linear", "cosine", "exponential"), "default linear"),
         ("--distance", ("l2", "huber", "lpips"), "default l2"),
