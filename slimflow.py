@@ -57,8 +57,7 @@ class TrainingError(Exception):
 # Everything needed to learn SlimFlow, in pipeline order; the names it borrows from the machinery say what they do.
 # =============================================================================
 
-# -----------------------------------------------------------------------------
-# 1. Noise and data
+# 1. Noise and data -----------------------------------------------------------
 # Noise X0 ~ N(0, I) sits at t = 0 and data X1 at t = 1: images in [-1, 1], read by the machinery, or a 2-D toy.
 
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals")
@@ -86,8 +85,7 @@ def toy_data(name, n, seed=0):
     return torch.from_numpy(x).float()
 
 
-# -----------------------------------------------------------------------------
-# 2. Networks
+# 2. Networks -----------------------------------------------------------------
 # A velocity field v(x, t), t of shape (batch,). The U-Net is the official code's DDPM++ block for block (so its
 # sizes and checkpoints carry over: PRESETS, section 10); it embeds 999·t, DDPM's embedding being for integer steps.
 
@@ -235,8 +233,7 @@ class OneStepGenerator(nn.Module):
         return z + self.net(z, torch.full((len(z),), EPS, device=z.device))
 
 
-# -----------------------------------------------------------------------------
-# 3. Rectified flow and its samplers
+# 3. Rectified flow and its samplers ------------------------------------------
 # X_t = t·X1 + (1 - t)·X0, target velocity X1 - X0, t ~ U[eps, 1]. Samplers solve dZ/dt = v(Z, t) from
 # t = eps to 1 and return (samples, NFE), plus the trajectory (steps + 1, *z.shape) when asked.
 
@@ -308,8 +305,7 @@ def sample_with(velocity, z, sampler, nfe=1, rtol=1e-5, atol=1e-5):
             "rk45": lambda: rk45_sample(velocity, z, rtol=rtol, atol=atol)}[sampler]()
 
 
-# -----------------------------------------------------------------------------
-# 4. The objectives
+# 4. The objectives -----------------------------------------------------------
 # One small class per objective, as in EDM's loss.py: objective(net, batch, step) -> (loss, logs); logs stay
 # tensors on the device until printed, so that no training step waits for the host.
 
@@ -384,8 +380,7 @@ class FlowGuidedDistillationLoss:
         return pair_loss + self.reg_weight * reg_loss, {"pair": pair_loss.detach(), "reg": reg_loss.detach()}
 
 
-# -----------------------------------------------------------------------------
-# 5. TraFlow: trajectory distillation
+# 5. TraFlow: trajectory distillation -----------------------------------------
 # One network G(x_t, t, s) moves a state from time t to any s ≥ t:
 #     g(x_t, t, s) = x_t + (s - t)·G(x_t, t, s)          (so g(x, t, t) = x)
 # so that 1, 2 or N calls of the same network generate. Its targets, from a pre-trained flow v:
@@ -438,8 +433,7 @@ class TraFlowLoss:
         return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
 
 
-# -----------------------------------------------------------------------------
-# 6. Measuring
+# 6. Measuring ----------------------------------------------------------------
 # Sliced Wasserstein-2 compares sample sets through seeded 1-D projections (there optimal transport is sorting);
 # straightness, how far a flow's paths bend; FID, Gaussians fitted to Inception features (fed by section 15).
 
@@ -525,8 +519,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
 
 
-# -----------------------------------------------------------------------------
-# 7. The training loop
+# 7. The training loop --------------------------------------------------------
 # Written once, called by every stage with its objective: AdamW, linear warm-up, gradient clipping, an EMA of the
 # weights (what samples). Checkpoints continue bit for bit and never hold a NaN. Also under torchrun (section 14).
 
@@ -594,8 +587,7 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
     return ema
 
 
-# -----------------------------------------------------------------------------
-# 8. The pipeline, stage by stage
+# 8. The pipeline, stage by stage ---------------------------------------------
 # Each stage reads what the one before wrote under --out (runs/<dataset>):
 #     teacher.pt -> pairs.pt -> reflow.pt -> distill.pt (or traflow.pt)
 # cfg: one stage's settings, from the defaults and the flags (section 17). stage_all (section 15) runs all four.
@@ -645,14 +637,12 @@ def stage_traflow(cfg):
 
 # =============================================================================
 # PART II: THE MACHINERY
-# Image files, networks by name and the official checkpoints, our checkpoints and the run
-# directory, pairs solved in shards, several processes, sampling and evaluation, the
-# benchmark and the command line. Nothing below changes what is learned.
+# Image files, networks by name and the official checkpoints, our checkpoints and the run directory, pairs solved
+# in shards, several processes, sampling and evaluation, the benchmark and the command line. Nothing below changes
+# what is learned.
 # =============================================================================
 
-
-# -----------------------------------------------------------------------------
-# 9. Image data
+# 9. Image data ---------------------------------------------------------------
 # Images stay in memory as uint8, drawn with replacement by the data's own seeded generator (saved in
 # checkpoints): a run reproduces from its seed, a resumed run draws the same batches, and all processes
 # draw the same global batches, each keeping its slice.
@@ -749,8 +739,7 @@ class TrainingData:
         return out[0] if len(out) == 1 else tuple(out)
 
 
-# -----------------------------------------------------------------------------
-# 10. Networks by name, and the official checkpoints' names
+# 10. Networks by name, and the official checkpoints' names -------------------
 
 PRESETS = {  # the official CIFAR10 U-Nets, and two tiny ones for CPU demos and tests
     "rf-61.8m": dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4),
@@ -830,8 +819,7 @@ def from_official(state_dict):
     return {ours[k]: v.t()[:, :, None, None] if k.endswith(".W") else v for k, v in state_dict.items() if k in ours}
 
 
-# -----------------------------------------------------------------------------
-# 11. Checkpoints
+# 11. Checkpoints -------------------------------------------------------------
 # Written atomically; a slimflow checkpoint holds the weights, the EMA, the optimizer, the
 # step, the training settings and the random state of the data and of every process.
 
@@ -964,8 +952,7 @@ def network_from_checkpoint(ckpt, device, weights="ema"):
     return net.to(device).eval().requires_grad_(False)
 
 
-# -----------------------------------------------------------------------------
-# 12. The run directory: what each stage reads and writes
+# 12. The run directory: what each stage reads and writes ---------------------
 
 STAGE_FILES = ("teacher", "pairs", "reflow", "distill", "traflow")  # each writes <out>/<stage>.pt
 FLOW_STAGES = ("teacher", "reflow", "distill")
@@ -1108,8 +1095,7 @@ def save_preview(x, path, cfg):
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
-# -----------------------------------------------------------------------------
-# 13. Pairs in shards
+# 13. Pairs in shards ---------------------------------------------------------
 
 def solve_pairs(cfg, z0, solve, teacher):
     """Z1 = solve(Z0) in shards of --pairs-batch pairs, joined into pairs.pt. Z0 is fixed by the seed, so a shard
@@ -1164,8 +1150,7 @@ def solve_pairs(cfg, z0, solve, teacher):
     barrier()
 
 
-# -----------------------------------------------------------------------------
-# 14. Several processes
+# 14. Several processes -------------------------------------------------------
 # torchrun --nproc_per_node N slimflow.py ...: one process per GPU (NCCL; gloo on CPUs), each with the same
 # network, its own slice of the global batch (batch_size·N from the data's shared stream) and its own noise
 # (seed + rank). DDP averages the gradients in backward, so N processes take the step one would take on the
@@ -1218,8 +1203,7 @@ def training_view(net, device, compile=False):
     return torch.compile(net) if compile else net
 
 
-# -----------------------------------------------------------------------------
-# 15. Sampling and evaluation
+# 15. Sampling and evaluation -------------------------------------------------
 # Samples come from fixed noise, so every stage and sampler sees the same Z0. `eval` prints one
 # row of the paper's table; the default toy run prints one per model of the pipeline.
 
@@ -1457,8 +1441,7 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
     print(f"[all] trajectories -> {path}")
 
 
-# -----------------------------------------------------------------------------
-# 16. Bench
+# 16. Bench -------------------------------------------------------------------
 
 def stage_bench(cfg):
     """Samples/s of the student (--model) and the teacher (--teacher-model): training steps at --batch-size, one-step
@@ -1516,8 +1499,7 @@ def stage_bench(cfg):
     return rows
 
 
-# -----------------------------------------------------------------------------
-# 17. Settings and the command line
+# 17. Settings and the command line -------------------------------------------
 # One settings object per stage, built once and never changed: the defaults of every run, then those of the
 # data's kind (2-D toy, image, and the `shapes` demo) and of the stage, then the flags given, which always win.
 # The image defaults are the official CIFAR10 settings.
