@@ -1060,9 +1060,9 @@ def lpips_distance(cfg):
 
 def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
     """train() in cfg's settings, checkpointed to --out, with previews of preview(ema, z); returns the EMA."""
-    model_name = model_name or (cfg.teacher_model if stage == "teacher" else cfg.model)
+    model_name, processes = model_name or (cfg.teacher_model if stage == "teacher" else cfg.model), world()[1]
     print(f"[{stage}] {model_name}: {num_params(net):,} parameters, {cfg.steps} steps of batch "
-          f"{cfg.batch_size} on {cfg.device}" + (f" x {world()[1]} processes" if world()[1] > 1 else ""))
+          f"{cfg.batch_size} on {cfg.device}" + (f" x {processes} processes" if processes > 1 else ""))
     net = net.to(cfg.device)
     if torch.device(cfg.device).type == "cuda" and any(isinstance(m, UNet) for m in net.modules()):
         net = net.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
