@@ -614,25 +614,25 @@ def stage_reflow(cfg):
 def stage_distill(cfg):
     """Flow-Guided Distillation: G(z) = z + u(z, eps), guided by v2 (its EMA weights) frozen.
     u starts from v2's raw weights, with an EMA of its own, as in the official code."""
-    v2, ckpt = load_stage_network(cfg, "reflow")
+    v2, model_name = load_stage_network(cfg, "reflow")
     G = OneStepGenerator(load_stage_network(cfg, "reflow", weights="model")[0].train().requires_grad_(True))
     distance = lpips_distance(cfg) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
     objective = FlowGuidedDistillationLoss(v2, distance, cfg.reg_weight, cfg.target_form)
     print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
           f"target {cfg.target_form}")
-    train_stage(cfg, "distill", G, objective, load_pairs(cfg), preview=lambda g, z: g(z), model_name=ckpt["model_name"])
+    train_stage(cfg, "distill", G, objective, load_pairs(cfg), preview=lambda g, z: g(z), model_name=model_name)
 
 def stage_traflow(cfg):
     """TraFlow on the pairs: the student starts as the teacher (or as v2: --traflow-from reflow)."""
-    v, ckpt = load_stage_network(cfg, cfg.traflow_from)
-    student = build_model(ckpt["model_name"], cfg.shape, two_times=True)
+    v, model_name = load_stage_network(cfg, cfg.traflow_from)
+    student = build_model(model_name, cfg.shape, two_times=True)
     student.load_state_dict(add_second_time(v.state_dict()))  # its s embedding: a copy of t's
     objective = TraFlowLoss(v, cfg.lambda_vel, cfg.lambda_cons, cfg.traflow_phases, cfg.traflow_midpoint,
                             cfg.traflow_target)
     print(f"[traflow] from the {cfg.traflow_from} flow: lambda_vel {cfg.lambda_vel}, lambda_cons "
           f"{cfg.lambda_cons}, phases {cfg.traflow_phases}, midpoint {cfg.traflow_midpoint}")
     train_stage(cfg, "traflow", student.train(), objective, load_pairs(cfg),
-                preview=lambda g, z: traflow_sample(g, z, 1)[0], model_name=ckpt["model_name"])
+                preview=lambda g, z: traflow_sample(g, z, 1)[0], model_name=model_name)
 
 
 # =============================================================================
@@ -697,15 +697,14 @@ def image_dataset(name, data_dir, image_size=32, limit=None, seed=0, train=True)
         files = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
         if not files:
             raise UsageError(f"no images (.png, .jpg, .jpeg, .bmp, .webp) under --data-dir {data_dir}")
-        crop = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
-
-        def read(path):
+        crop, images = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()]), []
+        for path in files[:limit]:
             try:
-                return crop(Image.open(path).convert("RGB"))
+                images.append(crop(Image.open(path).convert("RGB")))
             except OSError as err:  # PIL's UnidentifiedImageError is one
                 raise UsageError(f"{path} is not a readable image ({type(err).__name__}); move it out of --data-dir"
                                  ) from None
-        x = torch.stack([read(p) for p in files[:limit]])
+        x = torch.stack(images)
     else:
         raise UsageError(f"unknown image dataset {name!r}; choose from {', '.join(IMAGE_DATASETS)}")
     x = x[:limit]
@@ -866,7 +865,8 @@ def resume_training(checkpoint, meta, net, ema, opt, data, seed):
     if "data" not in ckpt["rng"]:
         raise UsageError(f"{checkpoint} was written by an older slimflow and cannot be continued exactly; "
                          f"pass --overwrite to start over")
-    net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+    for part, key in ((net, "model"), (ema, "ema"), (opt, "optimizer")):
+        part.load_state_dict(ckpt[key])
     data.generator.set_state(ckpt["rng"]["data"])
     step, states = ckpt["step"], ckpt["rng"]["processes"]
     if len(states) == processes:
@@ -944,13 +944,6 @@ def load_checkpoint(path, model, ckpt=None, weights="ema"):
     model.load_state_dict(from_official(state))
     return model
 
-def network_from_checkpoint(ckpt, device, weights="ema"):
-    """A slimflow checkpoint's EMA network (weights="model": the raw one); a OneStepGenerator for distill."""
-    net = build_model(ckpt["model_name"], tuple(ckpt["data_shape"]), two_times=ckpt["stage"] == "traflow")
-    net = OneStepGenerator(net) if ckpt["stage"] == "distill" else net
-    net.load_state_dict(ckpt[weights])
-    return net.to(device).eval().requires_grad_(False)
-
 
 # 12. The run directory: what each stage reads and writes ---------------------
 
@@ -991,7 +984,7 @@ def load_pairs(cfg):
     return TrainingData(pairs["z0"], pairs["z1"], flip=cfg.flip and not cfg.toy, device=cfg.device, seed=cfg.seed)
 
 def load_stage_network(cfg, stage, weights="ema"):
-    """A stage's EMA network (or raw one: weights="model") and checkpoint: from --teacher-ckpt or
+    """A stage's EMA network (or raw one: weights="model") and its preset's name: from --teacher-ckpt or
     --init-ckpt (reflow) when given, a path or URL, ours or official; else from --out."""
     given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}.get(stage)
     if given and given.startswith(("https://", "http://")):  # e.g. the published files: kept, per URL
@@ -999,14 +992,15 @@ def load_stage_network(cfg, stage, weights="ema"):
                          f"the checkpoint {given}", "--teacher-ckpt" if stage == "teacher" else "--init-ckpt")
     path = Path(given) if given else out_path(cfg, stage)
     ckpt = read_checkpoint(path, made_by=make_command(cfg, stage), official_ok=bool(given))
-    if ckpt.get("format") != "slimflow":  # official: the architecture comes from the preset flag
-        model_name = cfg.teacher_model if stage == "teacher" else cfg.model
-        net = load_checkpoint(path, build_model(model_name, cfg.shape), ckpt, weights)
-        return net.to(cfg.device).eval().requires_grad_(False), {"model_name": model_name}
-    if ckpt.get("stage") != stage and not (stage == "reflow" and ckpt.get("stage") == "teacher"):
-        raise UsageError(f"{path} holds the {ckpt.get('stage')!r} stage, not {stage!r}")
-    check_compatible(ckpt, path, cfg.dataset, shape=cfg.shape)
-    return network_from_checkpoint(ckpt, cfg.device, weights), ckpt
+    made_by = ckpt.get("stage")  # None for an official checkpoint, whose architecture comes from the preset flag
+    if made_by is not None:
+        if made_by != stage and not (stage == "reflow" and made_by == "teacher"):
+            raise UsageError(f"{path} holds the {made_by!r} stage, not {stage!r}")
+        check_compatible(ckpt, path, cfg.dataset, shape=cfg.shape)
+    model_name = ckpt.get("model_name") or (cfg.teacher_model if stage == "teacher" else cfg.model)
+    net = build_model(model_name, cfg.shape, two_times=made_by == "traflow")
+    net = load_checkpoint(path, OneStepGenerator(net) if made_by == "distill" else net, ckpt, weights)
+    return net.to(cfg.device).eval().requires_grad_(False), model_name
 
 LPIPS_URLS = ("https://download.pytorch.org/models/vgg16-397923af.pth",  # VGG16 on ImageNet, torchvision's
               "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth")
