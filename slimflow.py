@@ -130,7 +130,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, ch_in, ch_out, temb_ch, dropout, resample=None):
         super().__init__()
-        self.resample = resample
+        self.resample = {"up": nn.Upsample(scale_factor=2.0), "down": nn.AvgPool2d(2), None: nn.Identity()}[resample]
         self.norm1, self.conv1 = group_norm(ch_in), conv(ch_in, ch_out)
         self.temb_proj = nn.Linear(temb_ch, ch_out)
         nn.init.xavier_uniform_(self.temb_proj.weight), nn.init.zeros_(self.temb_proj.bias)
@@ -140,10 +140,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x, temb):
         h = F.silu(self.norm1(x))
-        if self.resample == "up":
-            h, x = F.interpolate(h, scale_factor=2.0), F.interpolate(x, scale_factor=2.0)
-        elif self.resample == "down":
-            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        h, x = self.resample(h), self.resample(x)  # the block's path and its skip alike
         h = self.conv1(h) + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return (self.shortcut(x) + h) / math.sqrt(2)  # rescaled skip keeps the variance of deep stacks at 1
@@ -414,17 +411,16 @@ class TraFlowLoss:
         z0, z1 = pair
         t = sample_time(z0)
         x_t, one = interpolate(z0, z1, t), torch.ones_like(t)
-        later = lambda: t + (1 - t) * torch.rand_like(t)  # noqa: E731 -- a time in (t, 1)
         losses = {}
         if self.phase_steps == 0 or step >= self.phase_steps:
             losses["out"] = l2_distance(traflow_map(model, z0, _at(EPS, z0), one), z1).sqrt().mean()
-            s = later()
+            s = t + (1 - t) * torch.rand_like(t)  # a time in (t, 1)
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
                 g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
             v = self.teacher(g.detach(), s)  # the target, under stop-gradient
             losses["vel"] = self.lambda_vel * (dg_ds - v).square().mean()
         if self.phase_steps == 0 or step < self.phase_steps:
-            u = later()
+            u = t + (1 - t) * torch.rand_like(t)  # a time in (t, 1)
             with torch.no_grad():
                 x_u = (traflow_map(model, x_t, t, u) if self.midpoint == "student"
                        else x_t + broadcast_time(u - t, x_t) * self.teacher(x_t, t))
@@ -495,9 +491,7 @@ def fid_inception(weights=None):
               type("E", (PaddingFreePool, tv.InceptionE), {}), tv.InceptionAux]
     net = FIDInception(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
     net.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
-    if weights is not None:
-        load_weights(net, weights, "FID Inception")
-    return net.eval().requires_grad_(False)
+    return (net if weights is None else load_weights(net, weights, "FID Inception")).eval().requires_grad_(False)
 
 def gaussian_stats(features):
     """Mean and covariance (float64) of (n, d) features."""
@@ -514,9 +508,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):  # tiny imaginary parts are round-off; large, an error
         raise ValueError(f"sqrtm(S1·S2) has an imaginary part of {np.abs(root.imag).max():.3g}")
-    root = root.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
+    return float(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - 2 * root.real))
 
 
 # 7. The training loop --------------------------------------------------------
@@ -1202,10 +1194,9 @@ def training_view(net, device, compile=False):
 # row of the paper's table; the default toy run prints one per model of the pipeline.
 
 def generate(net, stage, z, cfg, sampler=None):
-    """Samples and NFE from a stage's network: the generator is one call, TraFlow --nfe jumps."""
+    """Samples and NFE from a stage's frozen network: the generator is one call, TraFlow --nfe jumps."""
     if stage == "distill":
-        with torch.no_grad():
-            return net(z), 1
+        return net(z), 1
     if stage == "traflow":
         return traflow_sample(net, z, cfg.nfe)
     return sample_with(net, z, sampler or cfg.sampler, cfg.nfe, cfg.rtol, cfg.atol)
@@ -1352,8 +1343,9 @@ def evaluate(cfg, stage, net, sampler, method=None, fid=None):
                  else image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, None, cfg.seed, train=False))
     x, nfe = generate_all(net, stage, cfg, sampler)
     row = {"method": method or f"{stage} ({sampler_name(stage, nfe, sampler)})", "params": num_params(net), "nfe": nfe}
-    if cfg.toy:
-        row["sw2"] = sliced_wasserstein(x, reference)
+    if cfg.toy:  # and SW2's floor: the distance between two draws of the data, which no model beats
+        other_draw = toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 4)
+        row["sw2"], row["sw2_floor"] = sliced_wasserstein(x, reference), sliced_wasserstein(other_draw, reference)
     else:
         row["swd"], row["fid"] = laplacian_swd(x, reference), fid(x)
     z = fixed_noise(cfg, min(cfg.num_samples, cfg.pairs_batch), "eval").to(cfg.device)
@@ -1368,28 +1360,23 @@ def evaluate(cfg, stage, net, sampler, method=None, fid=None):
 
 def print_table(cfg, rows):
     """The paper's table (#params, NFE, FID and SWD on images, MACs, straightness, samples/s); on a toy,
-    SW2 against its floor (between two draws of the data: no model beats it), which it returns."""
-    floor = sliced_wasserstein(toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 4),
-                               toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 3)) if cfg.toy else None
+    SW2 against its floor (see evaluate)."""
     q1, q2 = ("SW2", "/floor") if cfg.toy else ("FID", "SWD")
     print(f"{'method':36s}{'#params':>10s}{'NFE':>6s}{q1:>9s}{q2:>8s}{'MACs':>9s}{'straight.':>10s}{'samples/s':>11s}")
     if cfg.toy:
-        print(f"{'SW2 floor (two data draws)':36s}{'-':>10s}{'-':>6s}{floor:9.4f}{1:8.2f}")
+        print(f"{'SW2 floor (two data draws)':36s}{'-':>10s}{'-':>6s}{rows[0]['sw2_floor']:9.4f}{1:8.2f}")
     for r in rows:
         q = r.get("sw2", r.get("fid"))
-        second = f"{q / floor:8.2f}" if cfg.toy else f"{r['swd']:8.1f}"
+        second = f"{q / r['sw2_floor']:8.2f}" if cfg.toy else f"{r['swd']:8.1f}"
         print(f"{r['method']:36s}{r['params']:>10,}{r['nfe']:>6}{q:9.4f}{second}"
               f"{si(r['macs']):>9s}{r.get('straightness', math.nan):10.4f}{r['samples_per_s']:11.0f}")
-    return floor
 
 def stage_eval(cfg, extractor=None):
     """The table row of one stage (--from) and sampler, printed and merged into <out>/metrics.json."""
     stage, path = pick_stage(cfg), Path(cfg.out) / "metrics.json"
     metrics, net = read_json(path, default={}), load_stage_network(cfg, stage)[0]  # all read before the work
     row = evaluate(cfg, stage, net, cfg.sampler, fid=None if cfg.toy else fid_metric(cfg, extractor))
-    floor = print_table(cfg, [row])
-    if floor is not None:
-        row["sw2_floor"] = floor
+    print_table(cfg, [row])
     metrics[f"{row['method']} nfe={row['nfe']}"] = row
     save_json(metrics, path)
     print(f"[eval] -> {path}")
@@ -1402,12 +1389,11 @@ def stage_all(cfg):
     given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
     for stage in (s for s in given if given[s]):  # checked before the work: the given checkpoints,
         load_stage_network(cfg, stage)
+        print(f"[all] {stage}: using {given[stage]}")
     if cfg.distance == "lpips":  # and the LPIPS weights
         lpips_distance(cfg)
     for stage in ("teacher", "pairs", "reflow", "distill"):
-        if given.get(stage):
-            print(f"[all] {stage}: using {given[stage]}")
-        else:
+        if not given.get(stage):
             run_stage(settings_for(cfg.given, stage))
     rank = world()[0]
     stop_processes()  # the report and the samples come from rank 0 alone
@@ -1417,8 +1403,8 @@ def stage_all(cfg):
                 evaluate(cfg, "teacher", teacher, "one_step", "teacher, 1-RF (one Euler step)"),
                 evaluate(cfg, "reflow", flow2, "one_step", "2-rectified flow (one Euler step)"),
                 evaluate(cfg, "distill", generator, None, "SlimFlow one-step generator")]
-        floor = print_table(cfg, rows)
-        save_json({"sw2_floor": floor, "rows": rows}, Path(cfg.out) / "results.json")
+        print_table(cfg, rows)
+        save_json({"sw2_floor": rows[0]["sw2_floor"], "rows": rows}, Path(cfg.out) / "results.json")
         plot_trajectories(cfg, teacher, flow2, generator)
     elif rank == 0:
         for stage, sampler in zip(FLOW_STAGES, ("rk45", "one_step", "one_step")):
@@ -1442,9 +1428,8 @@ def stage_bench(cfg):
     and RK45 sampling, each also as a fraction of the device's matmul ceiling for its MACs (a training step ≈ 3 passes
     of 2·MACs FLOPs). One run, so rows compare: fp32 and, on a bf16 GPU, bf16 (or --precision); also with --compile."""
     device, cuda = cfg.device, torch.device(cfg.device).type == "cuda"
-    both = cuda and torch.cuda.is_bf16_supported() and "precision" not in cfg.given
-    ceilings, n = {}, 8192 if cuda else 1024
-    for precision in ["fp32", "bf16"] if both else [cfg.precision]:  # the device's dense matmul rate, FLOP/s
+    ceilings, n = {}, 8192 if cuda else 1024  # the device's dense matmul rate per precision, FLOP/s
+    for precision in [cfg.precision] if "precision" in cfg.given else dict.fromkeys(["fp32", cfg.precision]):
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         ceilings[precision] = 2 * n**3 * samples_per_second(lambda _: a @ a, a[:1], repeats=10)  # "batch" of 1
     print(f"[bench] batch {cfg.batch_size} on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}); "
