@@ -767,8 +767,6 @@ def test_all_stages_on_a_2d_toy(tmp_path, capsys):
     for name in ["teacher.pt", "pairs.pt", "reflow.pt", "distill.pt", "results.json", "trajectories.png"]:
         assert (tmp_path / name).exists(), name
     assert "SlimFlow one-step generator" in out and "SW2 floor" in out
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert {row["sw2_floor"] for row in results["rows"]} == {results["sw2_floor"]}  # the data's own, no model's
     pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
     assert pairs["z0"].shape == pairs["z1"].shape == (256, 2)
     # every stage resumes as finished: nothing is retrained or rewritten
