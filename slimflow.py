@@ -415,9 +415,13 @@ class TraFlowLoss:
         if self.phase_steps == 0 or step >= self.phase_steps:
             losses["out"] = l2_distance(traflow_map(model, z0, _at(EPS, z0), one), z1).sqrt().mean()
             s = t + (1 - t) * torch.rand_like(t)  # a time in (t, 1)
-            with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
+            # The velocity term runs in float32, also under bf16 autocast: forward-mode AD does not follow
+            # autocast's casts (a convolution meets bf16 weights with a float32 tangent), and bf16's 8-bit
+            # mantissa would carry ∂g/∂s too coarsely for a residual that training drives towards 0.
+            # The fused attention kernels have no forward-mode AD: attention runs as plain matrix products.
+            with torch.autocast(x_t.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
                 g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
-            v = self.teacher(g.detach(), s)  # the target, under stop-gradient
+                v = self.teacher(g.detach(), s)  # the target, under stop-gradient
             losses["vel"] = self.lambda_vel * (dg_ds - v).square().mean()
         if self.phase_steps == 0 or step < self.phase_steps:
             u = t + (1 - t) * torch.rand_like(t)  # a time in (t, 1)
@@ -575,6 +579,10 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
     except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on
         raise KeyboardInterrupt(f"[{meta['stage']}] stopped at step {step}. {last_good(checkpoint, saved)}"
                                 + ("; --resume continues it" if saved is not None else "")) from None
+    except torch.OutOfMemoryError:  # a batch too large for the device: say which flag to lower, and what is kept
+        raise TrainingError(f"[{meta['stage']}] out of memory on {device_memory(device)} at step {step}: lower "
+                            f"--batch-size. {last_good(checkpoint, saved)}"
+                            + ("; --resume continues it" if saved is not None else "")) from None
     barrier()  # the next stage, in any process, reads the final checkpoint
     return ema
 
@@ -992,7 +1000,7 @@ def load_stage_network(cfg, stage, weights="ema"):
     model_name = ckpt.get("model_name") or (cfg.teacher_model if stage == "teacher" else cfg.model)
     net = build_model(model_name, cfg.shape, two_times=made_by == "traflow")
     net = load_checkpoint(path, OneStepGenerator(net) if made_by == "distill" else net, ckpt, weights)
-    return net.to(cfg.device).eval().requires_grad_(False), model_name
+    return to_device(net, cfg.device, cfg.channels_last).eval().requires_grad_(False), model_name
 
 LPIPS_URLS = ("https://download.pytorch.org/models/vgg16-397923af.pth",  # VGG16 on ImageNet, torchvision's
               "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth")
@@ -1049,9 +1057,7 @@ def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
     model_name, processes = model_name or (cfg.teacher_model if stage == "teacher" else cfg.model), world()[1]
     print(f"[{stage}] {model_name}: {num_params(net):,} parameters, {cfg.steps} steps of batch "
           f"{cfg.batch_size} on {cfg.device}" + (f" x {processes} processes" if processes > 1 else ""))
-    net = net.to(cfg.device)
-    if torch.device(cfg.device).type == "cuda" and any(isinstance(m, UNet) for m in net.modules()):
-        net = net.to(memory_format=torch.channels_last)  # the fast layout for cuDNN convolutions
+    net = to_device(net, cfg.device, cfg.channels_last)
     z, folder = fixed_noise(cfg, 2000 if cfg.toy else 64, "samples").to(cfg.device), Path(cfg.out) / "previews"
     return train(net, objective, data, cfg.steps, cfg.batch_size, cfg.lr, lr_warmup=cfg.lr_warmup,
                  weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, seed=cfg.seed,
@@ -1125,6 +1131,10 @@ def solve_pairs(cfg, z0, solve, teacher):
                   f"{time.time() - tic:.1f}s", flush=True)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"[pairs] shards solved stay in {shards}: the same command goes on from them") from None
+    except torch.OutOfMemoryError:  # RK45 solves a shard as one system, so its size is part of the recipe
+        raise TrainingError(f"[pairs] out of memory on {device_memory(cfg.device)} solving {cfg.pairs_batch} pairs "
+                            f"at once: lower --pairs-batch and pass --overwrite; the shards solved so far stay in "
+                            f"{shards}") from None
     barrier()
     if rank == 0:
         parts = [load_file(shard[i], "a pairs shard") for i in starts]
@@ -1179,6 +1189,21 @@ def first_bad_step(bad_step):  # the first non-finite step over all processes: a
 
 def bf16_autocast(device, precision):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+def to_device(net, device, channels_last=False):
+    """net on device, its U-Nets in the channels_last memory layout if asked. NCHW is the default: GroupNorm on
+    CUDA returns NCHW (PyTorch issue 111824), so channels_last pays layout copies around every normalised
+    convolution; it measured no faster on an H200, and TraFlow's forward-mode derivative fails through it there."""
+    net = net.to(device)
+    if channels_last and any(isinstance(m, UNet) for m in net.modules()):
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+def device_memory(device):
+    """A device's name, and on a GPU the memory it has: for the message that a batch does not fit."""
+    if torch.device(device).type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB)"
 
 def training_view(net, device, compile=False):
     """What the objective calls: net, under DDP with several processes (which broadcasts rank 0's weights
@@ -1444,12 +1469,10 @@ def stage_bench(cfg):
     rows = []
     for name in dict.fromkeys([cfg.model, cfg.teacher_model]):
         torch.manual_seed(cfg.seed)
-        start = build_model(name, cfg.shape).to(device)
+        start = to_device(build_model(name, cfg.shape), device, cfg.channels_last)
         for p in start.parameters():  # untrained weights, but a non-zero field, so RK45 has work to do
             if not p.any():  # a zero-initialised weight or bias
                 nn.init.normal_(p, std=0.02)
-        if isinstance(start, UNet) and cuda:
-            start = start.to(memory_format=torch.channels_last)
         params, macs = num_params(start), count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
         for precision, compiled in itertools.product(ceilings, [False, True] if cfg.compile else [False]):
             torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
@@ -1490,7 +1513,7 @@ def stage_bench(cfg):
 DEFAULTS = {
     "all": dict(dataset="8gaussians", stage="all", out=None, data_dir="data", image_size=32, max_images=None,
                 teacher_ckpt=None, init_ckpt=None, weight_decay=0.0, seed=0, device="auto", precision=None,
-                compile=False, resume=False, overwrite=False, rtol=1e-5, atol=1e-5, beta_schedule="linear",
+                compile=False, channels_last=False, resume=False, overwrite=False, rtol=1e-5, atol=1e-5, beta_schedule="linear",
                 distance="l2", reg_weight=1.0, target_form="official", traflow_from="teacher", lambda_vel=1.0,
                 lambda_cons=1.0, traflow_phases=0, traflow_midpoint="student", traflow_target="stopgrad",
                 sampler="rk45", nfe=1, sample_from=None, fid_weights=None, fid_stats=None, lpips_weights=None),
@@ -1531,6 +1554,9 @@ def settings_for(given, stage=None):
     merged["shape"] = (2,) if toy else (1 if dataset in ("mnist", "fashion_mnist") else 3, size, size)
     if toy and merged["distance"] == "lpips":
         raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
+    if merged["channels_last"] and stage == "traflow":
+        raise UsageError("--channels-last: TraFlow's forward-mode derivative fails through GroupNorm in that layout "
+                         "on CUDA; run traflow without it")
     if merged["resume"] and merged["overwrite"]:
         raise UsageError("--resume continues a stage and --overwrite starts it over: pass one of them")
     for flag in ("teacher-model", "model"):  # a preset of the data's kind, which can halve the image evenly
@@ -1579,6 +1605,7 @@ def parse_args(argv=None):
         ("--device", str, "auto (default), cpu, cuda, cuda:N or mps"),
         ("--precision", ("fp32", "bf16"), "bf16 autocast (default on GPUs with bf16)"),
         ("--compile", switch, "torch.compile the network for training"),
+        ("--channels-last", switch, "U-Nets in the channels_last memory layout (default NCHW; not with traflow)"),
         ("--resume", switch, "continue the stage's checkpoint exactly"),
         ("--overwrite", switch, "start the stage over, replacing its output"),
         ("--log-every", count, None), ("--ckpt-every", count, None),
@@ -1682,6 +1709,10 @@ def main(argv=None):
     except KeyboardInterrupt as err:  # Ctrl-C: what is kept, and how to go on
         print(f"error: interrupted. {err}", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError:  # sampling, evaluation or the bench (training and pairs say more: see there)
+        flag = "--batch-size" if cfg.stage == "bench" else "--pairs-batch"  # the bench's batch, or sampling's
+        print(f"error: out of memory on {device_memory(cfg.device)}: lower {flag}", file=sys.stderr)
+        return 1
     finally:
         stop_processes()
         if lock:

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -490,6 +491,23 @@ def test_traflow_output_term_is_a_mean_over_pairs():  # so that N processes take
     per_pair = (student(z0, torch.full((8,), sf.EPS), torch.ones(8)) * (1 - sf.EPS) + z0 - z1).square().mean(1).sqrt()
     assert whole == pytest.approx(per_pair.mean().item(), rel=1e-6)
 
+def test_traflow_velocity_term_runs_in_float32_under_bf16_autocast():
+    # ∂g/∂s is taken in float32 whatever the autocast (forward-mode AD and bf16 autocast do not mix): under bf16
+    # the velocity term equals float32's to round-off, while the output term, which runs in bf16, shows bf16's error
+    teacher, student = randomised_unet(), randomised_unet(two_times=True, seed=1)
+    with torch.no_grad():  # a guide as fast as the student's ∂g/∂s (about 30), so that its rounding would show
+        teacher.out_conv.weight.mul_(50), teacher.out_conv.bias.mul_(50)
+    z0 = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    logs = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(2)  # the same times t and s
+        with sf.bf16_autocast("cpu", precision):
+            loss, logs[precision] = sf.TraFlowLoss(teacher, phase_steps=1)(student, (z0, 0.5 * z0 + 0.3), 1)
+        loss.backward()
+    fp32, bf16 = ({k: v.item() for k, v in logs[p].items()} for p in ("fp32", "bf16"))
+    assert fp32["vel"] > 1e-3 and bf16["vel"] == pytest.approx(fp32["vel"], rel=1e-5)
+    assert bf16["out"] != pytest.approx(fp32["out"], rel=1e-5) and bf16["out"] == pytest.approx(fp32["out"], rel=0.05)
+
 def test_traflow_velocity_runs_through_channels_last_attention():
     # channels_last makes SDPA pick a fused kernel, which has no forward-mode AD
     torch.manual_seed(0)
@@ -803,9 +821,9 @@ def test_distill_starts_the_student_from_raw_weights_and_guides_it_by_the_ema(tm
     monkeypatch.setattr(sf, "train", lambda net, objective, *args, **kwargs: seen.update(G=net, loss=objective))
     assert run(tmp_path, "--stage", "distill") == 0
     for key, value in seen["G"].net.state_dict().items():  # as the official code: raw weights, a fresh EMA
-        assert torch.equal(value, reflow["model"][key]), key
+        assert torch.equal(value.cpu(), reflow["model"][key]), key
     for key, value in seen["loss"].v2.state_dict().items():  # the frozen guide: the EMA
-        assert torch.equal(value, reflow["ema"][key]), key
+        assert torch.equal(value.cpu(), reflow["ema"][key]), key
 
 def test_distill_stage_weighs_the_regularizer_by_reg_weight(tmp_path, capsys):
     # The student starts as the 2-rectified flow, so the regularizer starts near 0 and its printed value
@@ -837,6 +855,32 @@ def test_all_stages_on_shapes_images(tmp_path, capsys):
         assert (tmp_path / "previews" / f"{stage}_0000003.png").exists()
     pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
     assert pairs["z1"].shape == (8, 3, 32, 32)
+
+def test_every_stage_runs_in_bf16_and_channels_last_on_shapes(tmp_path, monkeypatch, lpips_net):
+    # a GPU's branches, taken on the CPU: bf16 autocast, the channels_last layout, float16 pairs in every stage
+    # that reads them (reflow, distill with L2 and with LPIPS, traflow), then sampling and evaluation
+    layouts, to_device = [], sf.to_device
+    monkeypatch.setattr(sf, "to_device", lambda *args: layouts.append(to_device(*args)) or layouts[-1])
+    argv = [*SHAPES, "--rtol", "1e-2", "--atol", "1e-2", "--precision", "bf16", "--out", str(tmp_path)]
+    torch.save(lpips_net.state_dict(), tmp_path / "lpips.pth")
+    for stage, *extra in (["teacher"], ["pairs"], ["reflow"], ["distill"],
+                          ["distill", "--distance", "lpips", "--lpips-weights", str(tmp_path / "lpips.pth"),
+                           "--overwrite"], ["sample", "--from", "distill"]):
+        assert sf.main([*argv, "--channels-last", "--stage", stage, *extra]) == 0, stage
+    assert all(m.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+               for net in layouts for m in net.modules() if isinstance(m, sf.UNet))
+    assert len(layouts) >= 6 and torch.load(tmp_path / "pairs.pt", weights_only=True)["z1"].dtype == torch.float16
+    assert sf.main([*argv, "--stage", "traflow"]) == 0  # NCHW: see to_device
+    for stage in ("teacher", "reflow", "distill", "traflow"):
+        ckpt = sf.read_checkpoint(tmp_path / f"{stage}.pt")
+        assert ckpt["step"] == 2 and ckpt["training"]["precision"] == "bf16", stage
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt["model"].values()), stage
+    assert np.isfinite(np.load(tmp_path / "samples_distill.npy")).all()
+    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
+    cfg = sf.parse_args([*argv, "--channels-last", "--stage", "eval", "--from", "traflow", "--data-dir",
+                         str(tmp_path / "data")])
+    row = sf.stage_eval(cfg, extractor=extractor)
+    assert math.isfinite(row["fid"]) and math.isfinite(row["swd"])
 
 def test_all_with_a_given_teacher_trains_no_teacher(tmp_path, capsys):
     given = tmp_path / "given"
@@ -1084,9 +1128,9 @@ def official_file(net, path, ema_scale=None, drop=None, reshape=None):
     torch.save({"model": model, "ema": {"decay": 0.9999, "num_updates": 10, "shadow_params": shadow},
                 "optimizer": {}, "step": 10}, path)
 
-def randomised_unet():
-    torch.manual_seed(0)
-    net = sf.UNet(**sf.PRESETS["unet-micro"]).eval()
+def randomised_unet(two_times=False, seed=0):
+    torch.manual_seed(seed)
+    net = sf.UNet(**sf.PRESETS["unet-micro"], two_times=two_times).eval()
     with torch.no_grad():  # every tensor non-zero, so a misplaced one changes the output
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -1268,7 +1312,7 @@ def test_lpips_by_hand_on_plain_colours():
 
 def test_the_distillation_distance_is_lpips_at_64_by_64(tmp_path, lpips_net):
     torch.save(lpips_net.state_dict(), tmp_path / "lpips.pth")
-    cfg = sf.settings_for({"dataset": "shapes", "lpips_weights": str(tmp_path / "lpips.pth")}, "distill")
+    cfg = sf.settings_for({"dataset": "shapes", "lpips_weights": str(tmp_path / "lpips.pth"), "device": "cpu"}, "distill")
     a, b = torch.rand(2, 1, 28, 28) * 2 - 1, torch.rand(2, 1, 28, 28) * 2 - 1  # grey: seen as RGB
     up = [F.interpolate(x.repeat(1, 3, 1, 1), size=64, mode="bilinear", align_corners=True) for x in (a, b)]
     with torch.no_grad():  # the official lpips_forward_wrapper(size=64)
@@ -1289,7 +1333,7 @@ def test_lpips_weights_are_assembled_from_the_published_files(tmp_path, monkeypa
     state.update({k: v for k, v in sf.lpips_network().state_dict().items() if k.startswith("scaling_layer.")})
     a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
     up = [F.interpolate(x, size=64, mode="bilinear", align_corners=True) for x in (a, b)]
-    cfg = sf.settings_for({"dataset": "shapes", "data_dir": str(tmp_path)}, "distill")
+    cfg = sf.settings_for({"dataset": "shapes", "data_dir": str(tmp_path), "device": "cpu"}, "distill")
     with torch.no_grad():
         torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), sf.lpips_network(state)(*up))
 
@@ -1331,7 +1375,7 @@ def test_finished_work_is_not_overwritten_without_asking(teacher_run, capsys):
 def test_image_pairs_are_float16_and_exact_for_their_rounded_noise(tmp_path):
     argv = ["--dataset", "shapes", "--max-images", "32", "--teacher-model", "unet-micro", "--steps", "2",
             "--batch-size", "2", "--num-pairs", "6", "--pairs-batch", "4", "--rtol", "1e-2", "--atol", "1e-2",
-            "--out", str(tmp_path)]
+            "--out", str(tmp_path), "--device", "cpu"]  # re-solved bit for bit: on the device that solved it
     for stage in ("teacher", "pairs"):
         assert sf.main([*argv, "--stage", stage]) == 0
     pairs = torch.load(tmp_path / "pairs.pt", weights_only=True)
@@ -1471,9 +1515,10 @@ def main_worker(rank, port, argv):
     join_two(rank, port)
     assert sf.main(argv) == 0
 
-def two_processes(out, *argv):
-    """slimflow's command line in two processes, as torchrun --nproc_per_node 2 starts it."""
-    argv = ["--out", str(out), *TINY, "--pairs-batch", "64", *argv]
+def two_processes(out, *argv, device="cpu"):
+    """slimflow's command line in two processes, as torchrun --nproc_per_node 2 starts it: on CPUs with gloo
+    (a one-GPU machine has no cuda:1 for the second), or with device="cuda" one GPU each with NCCL."""
+    argv = ["--out", str(out), *TINY, "--pairs-batch", "64", "--device", device, *argv]
     torch.multiprocessing.spawn(main_worker, args=(free_port(), argv), nprocs=2)
 
 def test_two_processes_run_every_stage_and_write_once(tmp_path, capfd):
@@ -1486,7 +1531,7 @@ def test_two_processes_run_every_stage_and_write_once(tmp_path, capfd):
     two_processes(tmp_path, "--stage", "traflow")  # forward-mode AD through DistributedDataParallel
     assert sf.read_checkpoint(tmp_path / "traflow.pt")["step"] == 20
     # the pairs do not depend on how many processes solved them
-    assert run(tmp_path / "one", "--stage", "pairs", "--pairs-batch", "64", "--teacher-ckpt",
+    assert run(tmp_path / "one", "--stage", "pairs", "--pairs-batch", "64", "--device", "cpu", "--teacher-ckpt",
                str(tmp_path / "teacher.pt")) == 0
     a, b = (torch.load(path / "pairs.pt", weights_only=True) for path in (tmp_path, tmp_path / "one"))
     assert torch.equal(a["z0"], b["z0"]) and torch.equal(a["z1"], b["z1"])
@@ -1500,6 +1545,15 @@ def test_two_processes_resume_exactly(tmp_path):
     assert step_a == step_b == 12
     assert_same_tensors(model_a, model_b)
     assert_same_tensors(ema_a, ema_b)
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between two processes needs two GPUs")
+def test_two_processes_on_two_gpus_run_every_stage_with_nccl(tmp_path, capfd):
+    two_processes(tmp_path, "--stage", "all", device="cuda")
+    assert "x 2 processes" in capfd.readouterr().out
+    for stage in ("teacher", "reflow", "distill"):
+        ckpt = sf.read_checkpoint(tmp_path / f"{stage}.pt")
+        assert ckpt["step"] == 20 and len(ckpt["rng"]["processes"]) == 2
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 # ----------------------------------------------------------------------------- 15. Sampling and evaluation
@@ -1630,9 +1684,10 @@ def test_bench_compares_student_and_teacher(tmp_path, capsys):
     rows = sf.stage_bench(sf.parse_args(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro",
                                          "--teacher-model", "unet-tiny", "--batch-size", "2",
                                          "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path)]))
-    assert [(r["model"], r["precision"], r["compiled"]) for r in rows] == [("unet-micro", "fp32", False),
-                                                                           ("unet-tiny", "fp32", False)]
-    assert rows[1]["params"] > rows[0]["params"] and rows[1]["macs"] > rows[0]["macs"]
+    precisions = dict.fromkeys(["fp32", sf.resolve_precision(None, sf.resolve_device("auto"))])  # bf16 on a GPU too
+    assert [(r["model"], r["precision"], r["compiled"]) for r in rows] == [
+        (model, precision, False) for model in ("unet-micro", "unet-tiny") for precision in precisions]
+    assert rows[-1]["params"] > rows[0]["params"] and rows[-1]["macs"] > rows[0]["macs"]
     assert all(r["train"] > 0 and 0 < r["one_step_of_ceiling"] and r["rk45_nfe"] > 1 and r["rk45"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "matmul ceiling fp32" in out and "one-step sampling of unet-micro / RK45 sampling of unet-tiny" in out
@@ -1664,6 +1719,7 @@ def test_bench_compares_student_and_teacher(tmp_path, capsys):
     (["--model", "slim-3.4m"], "--model slim-3.4m does not fit toy data; choose from mlp-256x3"),
     (["--dataset", "shapes", "--teacher-model", "mlp-64x2"], "--teacher-model mlp-64x2 does not fit image data"),
     (["--resume", "--overwrite"], "--resume continues a stage and --overwrite starts it over"),
+    (["--stage", "traflow", "--channels-last"], "--channels-last: TraFlow's forward-mode derivative fails"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, pattern):
     assert sf.main(["--out", str(tmp_path), *argv]) == 2
@@ -1848,6 +1904,49 @@ def test_a_full_disk_under_torch_save_is_one_line_and_leaves_no_file(tmp_path, c
     assert run(tmp_path, "--stage", "teacher") == 1
     assert_one_line_error(capsys, f"could not write {tmp_path / 'teacher.pt'} ([enforce fail")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+def out_of_memory_from_call(owner, name, n, monkeypatch):
+    """owner.name raises CUDA's out-of-memory error from its n-th call on, as a batch too large for a GPU does."""
+    original, calls = getattr(owner, name), []
+
+    def crowded(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= n:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, crowded)
+
+def test_out_of_memory_in_training_names_the_flag_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher", "--steps", "10") == 0
+    before = (tmp_path / "teacher.pt").read_bytes()
+    out_of_memory_from_call(sf.MLP, "forward", 3, monkeypatch)  # the third step of the resumed run
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "teacher", "--resume", "--ckpt-every", "100") == 1
+    assert_one_line_error(capsys, f"[teacher] out of memory on cpu at step 12: lower --batch-size. Last good "
+                                  f"checkpoint: {tmp_path / 'teacher.pt'} (step 10); --resume continues it")
+    assert (tmp_path / "teacher.pt").read_bytes() == before
+
+def test_out_of_memory_in_pairs_names_the_flag_and_keeps_the_shards(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    out_of_memory_from_call(sf, "rk45_sample", 2, monkeypatch)  # the second shard
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 1
+    assert_one_line_error(capsys, f"[pairs] out of memory on cpu solving 64 pairs at once: lower --pairs-batch and "
+                                  f"pass --overwrite; the shards solved so far stay in {tmp_path / 'pairs.shards'}")
+    shard = sf.load_file(tmp_path / "pairs.shards" / "000000000-000000064.pt", "a pairs shard")
+    assert shard["z1"].shape == (64, 2) and not (tmp_path / "pairs.pt").exists()
+
+def test_out_of_memory_in_sampling_names_the_flag(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    out_of_memory_from_call(sf.MLP, "forward", 1, monkeypatch)
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "sample") == 1
+    assert_one_line_error(capsys, "out of memory on cpu: lower --pairs-batch")
+    assert not list(tmp_path.glob("samples_*"))
+
+def test_out_of_memory_says_how_much_memory_the_gpu_has(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * 2**30))
+    assert sf.device_memory("cuda:0") == "cuda:0 (80.0 GiB)" and sf.device_memory("cpu") == "cpu"
 
 def test_rk45_returns_its_end_point_without_the_trajectory():
     x, _ = sf.rk45_sample(lambda x, t: -x, torch.randn(4, 2))
