@@ -87,7 +87,7 @@ def toy_data(name, n, seed=0):
 
 # 2. Networks -----------------------------------------------------------------
 # A velocity field v(x, t), t of shape (batch,). The U-Net is the official code's DDPM++ block for block (so its
-# sizes and checkpoints carry over: PRESETS, section 10); it embeds 999·t, DDPM's embedding being for integer steps.
+# sizes and checkpoints carry over: PRESETS, below); it embeds 999·t, DDPM's embedding being for integer steps.
 
 def time_embedding(t, dim, scale=999.0, max_period=10_000):
     """Sinusoidal embedding of scale·t: first half sines, second half cosines, in at least float32."""
@@ -227,7 +227,36 @@ class OneStepGenerator(nn.Module):
         self.net = net  # u
 
     def forward(self, z):
-        return z + self.net(z, torch.full((len(z),), EPS, device=z.device))
+        return z + self.net(z, time_like(z, EPS))
+
+
+# The sizes by name: the official CIFAR10 U-Nets, the 61.8M teacher and SlimFlow's students, and tiny ones for CPUs.
+# The 15.7M student is the teacher slimmed three ways: 96 channels instead of 128 (nf), three levels instead of four
+# (ch_mult), two residual blocks per level instead of four: a quarter of the parameters, a third of the MACs per image.
+PRESETS = {
+    "rf-61.8m": dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4),
+    "slim-27.9m": dict(nf=128, ch_mult=(1, 2, 2), num_res_blocks=2),
+    "slim-15.7m": dict(nf=96, ch_mult=(1, 2, 2), num_res_blocks=2),
+    "slim-7.0m": dict(nf=64, ch_mult=(1, 2, 2), num_res_blocks=2),
+    "slim-3.4m": dict(nf=64, ch_mult=(1, 1, 2), num_res_blocks=1),
+    "unet-tiny": dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
+    "unet-micro": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
+}
+MLP_PRESETS = {"mlp-256x3": dict(hidden=256, depth=3), "mlp-128x3": dict(hidden=128, depth=3),  # toy networks
+               "mlp-96x3": dict(hidden=96, depth=3), "mlp-64x2": dict(hidden=64, depth=2),
+               "mlp-32x2": dict(hidden=32, depth=2)}
+
+def build_model(name, data_shape, two_times=False):
+    """A network from a preset name for data of shape (2,) or (c, h, w)."""
+    if name in MLP_PRESETS and len(data_shape) == 1:
+        return MLP(dim=data_shape[0], **MLP_PRESETS[name], two_times=two_times)
+    if name in PRESETS and len(data_shape) == 3:
+        return UNet(**PRESETS[name], in_ch=data_shape[0], image_size=data_shape[-1], two_times=two_times)
+    kind, names = ("toy", MLP_PRESETS) if len(data_shape) == 1 else ("image", PRESETS)
+    raise UsageError(f"model {name!r} does not fit {kind} data; choose from {', '.join(names)}")
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 # 3. Rectified flow and its samplers ------------------------------------------
@@ -245,15 +274,16 @@ def sample_time(x):
     """One training time per example of x, uniform on [eps, 1]."""
     return EPS + (1 - EPS) * torch.rand(len(x), device=x.device, dtype=x.dtype)
 
-def _at(t, z):
-    return torch.full((len(z),), float(t), device=z.device, dtype=z.dtype)
+def time_like(x, t):
+    """The time t once per example of x: the (batch,) tensor that every network takes."""
+    return torch.full((len(x),), float(t), device=x.device, dtype=x.dtype)
 
 @torch.no_grad()
 def euler_sample(velocity, z, n=1, eps=EPS, trajectory=False):
     """N uniform Euler steps; NFE = N."""
     h, x, path = (1 - eps) / n, z, [z]
     for i in range(n):
-        x = x + h * velocity(x, _at(eps + i * h, x))
+        x = x + h * velocity(x, time_like(x, eps + i * h))
         path.append(x)
     return (x, n, torch.stack(path)) if trajectory else (x, n)
 
@@ -268,9 +298,9 @@ def heun_sample(velocity, z, n=1, eps=EPS, trajectory=False):
     h, x, path = (1 - eps) / n, z, [z]
     for i in range(n):
         t = eps + i * h
-        d = velocity(x, _at(t, x))
+        d = velocity(x, time_like(x, t))
         if i < n - 1:
-            d = (d + velocity(x + h * d, _at(t + h, x))) / 2
+            d = (d + velocity(x + h * d, time_like(x, t + h))) / 2
         x = x + h * d
         path.append(x)
     return (x, 2 * n - 1, torch.stack(path)) if trajectory else (x, 2 * n - 1)
@@ -281,7 +311,7 @@ def rk45_sample(velocity, z, eps=EPS, rtol=1e-5, atol=1e-5, trajectory=False):
     sampler of teachers and 2-rectified flows); NFE = the solver's function calls."""
     def f(t, y):
         x = torch.from_numpy(y).reshape(z.shape).to(z.device, z.dtype)
-        v = velocity(x, _at(t, x)).double().cpu().numpy().reshape(-1)
+        v = velocity(x, time_like(x, t)).double().cpu().numpy().reshape(-1)
         if not np.isfinite(v).all():  # scipy may never return from a NaN
             raise TrainingError(f"RK45: the velocity is not finite at t = {t:.4f}; is the network diverged?")
         return v
@@ -315,14 +345,17 @@ class RectifiedFlowLoss:  # the teacher's objective: noise and data paired at ra
     def __call__(self, net, x1, step):
         return velocity_loss(net, torch.randn_like(x1), x1), {}
 
+BETA_SCHEDULES = ("linear", "cosine", "exponential")
+
 def annealing_beta(k, K, schedule="linear"):
-    """β(k): 1 at step k = 0 (independent noise), falling to 0 (pure reflow) over K steps; K = 0: plain reflow."""
+    """β(k): 1 at step k = 0 (independent noise), falling towards 0 (pure reflow): linear and cosine reach 0 at
+    k = K, exponential is exp(-k/K) (0.37 at K). K = 0: plain reflow."""
     if K <= 0:
         return 0.0
     r = min(1.0, k / K)
     betas = {"linear": 1.0 - r, "cosine": (1.0 + math.cos(math.pi * r)) / 2, "exponential": math.exp(-k / K)}
     if schedule not in betas:
-        raise UsageError(f"unknown beta schedule {schedule!r}; choose linear, cosine or exponential")
+        raise UsageError(f"unknown beta schedule {schedule!r}; choose {', '.join(BETA_SCHEDULES)}")
     return betas[schedule]
 
 def mix_noise(z0, beta):
@@ -350,21 +383,17 @@ def pseudo_huber_distance(a, b):
 
 DISTANCES = {"l2": l2_distance, "huber": pseudo_huber_distance}
 
+TARGET_FORMS = ("official", "paper")  # the regularization target's first Euler step: along u, or along v2
+
 class FlowGuidedDistillationLoss:
-    """L = D(G(Z0), Z1) + λ·D(G(z), target(z)), with G(z) = z + u(z, eps); λ = 0 is naive distillation.
-    target(z) solves the frozen 2-rectified flow v2 from fresh noise z in two Euler steps split at t' ~ U(0.2, 0.8),
-    under stop-gradient, for noise no stored pair covers: first along v2(z, eps) ("paper") or u(z, eps) ("official")."""
+    """Flow-Guided Distillation of the generator G(z) = z + u(z, eps), guided by the frozen 2-rectified flow v2:
+        L = D(G(Z0), Z1) + λ·D(G(z), target(z))        on the stored pairs, and on fresh noise z ~ N(0, I)
+    target(z), under stop-gradient, is v2's ODE from z in two Euler steps split at t' ~ U(0.2, 0.8): the
+    2-rectified-flow regularization, which teaches G on noise that no stored pair covers. λ = 0: naive distillation."""
 
     def __init__(self, v2, distance=l2_distance, reg_weight=1.0, target_form="official"):
         self.v2 = v2.eval().requires_grad_(False)
         self.distance, self.reg_weight, self.target_form = distance, reg_weight, target_form
-
-    @torch.no_grad()
-    def target(self, z, u):
-        t_prime = 0.2 + 0.6 * torch.rand(len(z), device=z.device)
-        velocity = self.v2(z, _at(EPS, z)) if self.target_form == "paper" else u
-        x_prime = z + broadcast_time(t_prime, z) * velocity
-        return x_prime + broadcast_time(1 - t_prime, z) * self.v2(x_prime, t_prime)
 
     def __call__(self, G, pair, step):
         z0, z1 = pair
@@ -372,18 +401,25 @@ class FlowGuidedDistillationLoss:
         if self.reg_weight == 0:
             return pair_loss, {"pair": pair_loss.detach()}
         z = torch.randn_like(z0)
-        x = G(z)  # so x - z is u(z, eps), which the "official" target reuses
-        reg_loss = self.distance(x, self.target(z, u=(x - z).detach())).mean()
+        x = G(z)
+        u = (x - z).detach()  # u(z, eps), as G(z) = z + u(z, eps)
+        with torch.no_grad():  # the target, under stop-gradient
+            t_prime = 0.2 + 0.6 * torch.rand(len(z), device=z.device)
+            w = self.v2(z, time_like(z, EPS)) if self.target_form == "paper" else u  # the first step's velocity
+            x_prime = z + broadcast_time(t_prime, z) * w  # x' = z + t'·w
+            target = x_prime + broadcast_time(1 - t_prime, z) * self.v2(x_prime, t_prime)  # x' + (1 - t')·v2(x', t')
+        reg_loss = self.distance(x, target).mean()
         return pair_loss + self.reg_weight * reg_loss, {"pair": pair_loss.detach(), "reg": reg_loss.detach()}
 
 
 # 5. TraFlow: trajectory distillation -----------------------------------------
-# One network G(x_t, t, s) moves a state from time t to any s ≥ t:
-#     g(x_t, t, s) = x_t + (s - t)·G(x_t, t, s)          (so g(x, t, t) = x)
+# One network G_θ(x_t, t, s) (a U-Net with a second time input, not SlimFlow's generator) moves a state from time t
+# to any s ≥ t:
+#     g(x_t, t, s) = x_t + (s - t)·G_θ(x_t, t, s)          (so g(x, t, t) = x)
 # so that 1, 2 or N calls of the same network generate. Its targets, from a pre-trained flow v:
 #     output        g(Z0, eps, 1) = Z1 on the teacher's pairs (RMSE of each pair, averaged)
 #     velocity      ∂g(x_t, t, s)/∂s = v(g(x_t, t, s), s), by forward-mode AD in s
-#     consistency   g(x_t, t, 1) = g(x_u, u, 1) for t < u < 1, the target under stop-gradient
+#     consistency   g(x_t, t, 1) = g(x_r, r, 1) for t < r < 1, the target under stop-gradient
 
 def traflow_map(model, x, t, s):
     """g(x_t, t, s): the state at time s reached from x at time t in one call."""
@@ -394,48 +430,51 @@ def traflow_sample(model, z, steps=1, eps=EPS):
     """`steps` jumps of g along a uniform grid from eps to 1; NFE = steps."""
     grid, x = [eps + (1 - eps) * i / steps for i in range(steps + 1)], z
     for t, s in zip(grid, grid[1:]):
-        x = traflow_map(model, x, _at(t, x), _at(s, x))
+        x = traflow_map(model, x, time_like(x, t), time_like(x, s))
     return x, steps
+
+TRAFLOW_MIDPOINTS = ("student", "teacher")  # where the consistency midpoint x_r comes from
 
 class TraFlowLoss:
     """L = L_out + λ_v·L_vel + λ_c·L_cons on teacher pairs. phase_steps = K > 0: the first K steps train consistency
-    alone, the rest output + velocity (the paper's two phases). The consistency midpoint x_u comes from the student or
-    one teacher Euler step; the target from the student under stop-gradient or its EMA copy (target="ema", by train)."""
+    alone, the rest output + velocity (the paper's two phases). The consistency midpoint x_r comes from the student or
+    one teacher Euler step; the target from the student under stop-gradient, or from `ema`, a network that train()
+    keeps as the student's EMA."""
 
-    def __init__(self, teacher, lambda_vel=1.0, lambda_cons=1.0, phase_steps=0, midpoint="student", target="stopgrad"):
+    def __init__(self, teacher, lambda_vel=1.0, lambda_cons=1.0, phase_steps=0, midpoint="student", ema=None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.lambda_vel, self.lambda_cons, self.phase_steps = lambda_vel, lambda_cons, phase_steps
-        self.midpoint, self.wants_ema, self.ema = midpoint, target == "ema", None
+        self.midpoint, self.ema = midpoint, ema
 
     def __call__(self, model, pair, step):
         z0, z1 = pair
         t = sample_time(z0)
-        x_t, one = interpolate(z0, z1, t), torch.ones_like(t)
+        x_t, end = interpolate(z0, z1, t), torch.ones_like(t)  # end: the time 1
         losses = {}
         if self.phase_steps == 0 or step >= self.phase_steps:
-            losses["out"] = l2_distance(traflow_map(model, z0, _at(EPS, z0), one), z1).sqrt().mean()
+            losses["out"] = l2_distance(traflow_map(model, z0, time_like(z0, EPS), end), z1).sqrt().mean()
             s = t + (1 - t) * torch.rand_like(t)  # a time in (t, 1)
             # The velocity term runs in float32, also under bf16 autocast: forward-mode AD does not follow
             # autocast's casts (a convolution meets bf16 weights with a float32 tangent), and bf16's 8-bit
             # mantissa would carry ∂g/∂s too coarsely for a residual that training drives towards 0.
             # The fused attention kernels have no forward-mode AD: attention runs as plain matrix products.
             with torch.autocast(x_t.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
-                g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (one,))
+                g, dg_ds = torch.func.jvp(lambda s_: traflow_map(model, x_t, t, s_), (s,), (torch.ones_like(s),))
                 v = self.teacher(g.detach(), s)  # the target, under stop-gradient
             losses["vel"] = self.lambda_vel * (dg_ds - v).square().mean()
         if self.phase_steps == 0 or step < self.phase_steps:
-            u = t + (1 - t) * torch.rand_like(t)  # a time in (t, 1)
+            r = t + (1 - t) * torch.rand_like(t)  # a time in (t, 1)
             with torch.no_grad():
-                x_u = (traflow_map(model, x_t, t, u) if self.midpoint == "student"
-                       else x_t + broadcast_time(u - t, x_t) * self.teacher(x_t, t))
-                target = traflow_map(self.ema if self.wants_ema else model, x_u, u, one)
-            losses["cons"] = self.lambda_cons * (traflow_map(model, x_t, t, one) - target).square().mean()
+                x_r = (traflow_map(model, x_t, t, r) if self.midpoint == "student"
+                       else x_t + broadcast_time(r - t, x_t) * self.teacher(x_t, t))
+                target = traflow_map(model if self.ema is None else self.ema, x_r, r, end)
+            losses["cons"] = self.lambda_cons * (traflow_map(model, x_t, t, end) - target).square().mean()
         return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
 
 
 # 6. Measuring ----------------------------------------------------------------
 # Sliced Wasserstein-2 compares sample sets through seeded 1-D projections (there optimal transport is sorting);
-# straightness, how far a flow's paths bend; FID, Gaussians fitted to Inception features (fed by section 15).
+# straightness, how far a flow's paths bend; FID, Gaussians fitted to Inception features (section 15).
 
 def sliced_wasserstein(a, b, num_projections=256, seed=0):
     """SW2(a, b) = sqrt(E_θ W2²(θᵀa, θᵀb)) over random unit directions θ; a, b: (n, ...)."""
@@ -456,47 +495,6 @@ def straightness(velocity, z, steps=100, eps=EPS):
     velocities = (path[1:] - path[:-1]) / ((1 - eps) / steps)
     return (chord - velocities).square().flatten(2).sum(2).mean().item()
 
-def tf1_resize(x, size):
-    """Bilinear resize of (b, c, h, w) to size x size as TensorFlow 1 (the FID graph) does it: output pixel
-    i samples the input at i·in/out, with no half-pixel centres, interpolating along the width first."""
-    def taps(n):  # for each output pixel: the source pixels either side, and the weight of the second
-        src = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
-        lo = src.floor().long()
-        return lo, (lo + 1).clamp(max=n - 1), (src - lo).to(x.dtype)
-    (top, bottom, wy), (left, right, wx) = taps(x.shape[-2]), taps(x.shape[-1])
-    x = x[..., left] + (x[..., right] - x[..., left]) * wx
-    return x[..., top, :] + (x[..., bottom, :] - x[..., top, :]) * wy[:, None]
-
-def fid_inception(weights=None):
-    """The FID Inception network, in eval mode: images in [-1, 1], any size, 1 or 3 channels -> (batch, 2048)
-    features. weights: None (random, for tests), a path or a state dict laid out as FID_WEIGHTS_URL's file."""
-    # the TF graph of 2015 is torchvision's Inception3 but for: the A, C and E blocks' pool branches average
-    # without the zero padding, the last E block max-pools there, and the classifier has 1008 outputs
-    from torchvision.models import inception as tv
-
-    class PaddingFreePool:  # mixin for InceptionA/C/E: redo the pool branch the TF way
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
-
-        def _forward(self, x):
-            return super()._forward(x)[:-1] + [self.branch_pool(self.pool(x))]
-
-    class FIDInception(tv.Inception3):
-        def forward(self, x):
-            x = (x.float().expand(-1, 3, -1, -1) + 1) * 127.5  # grey -> RGB, and 8-bit values
-            x = (tf1_resize(x, 299) - 128) / 128  # the graph's own resize and scaling
-            for layer in list(self.children())[:-1]:  # everything up to the pooled features, not fc
-                x = layer(x)
-            return x.flatten(1)
-
-    blocks = [tv.BasicConv2d, type("A", (PaddingFreePool, tv.InceptionA), {}), tv.InceptionB,
-              type("C", (PaddingFreePool, tv.InceptionC), {}), tv.InceptionD,
-              type("E", (PaddingFreePool, tv.InceptionE), {}), tv.InceptionAux]
-    net = FIDInception(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
-    net.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
-    return (net if weights is None else load_weights(net, weights, "FID Inception")).eval().requires_grad_(False)
-
 def gaussian_stats(features):
     """Mean and covariance (float64) of (n, d) features."""
     features = np.asarray(features, dtype=np.float64)
@@ -516,25 +514,48 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 # 7. The training loop --------------------------------------------------------
-# Written once, called by every stage with its objective: AdamW, linear warm-up, gradient clipping, an EMA of the
-# weights (what samples). Checkpoints continue bit for bit and never hold a NaN. Also under torchrun (section 14).
+# One training step, the same for every stage and its objective: linear warm-up of the learning rate, the loss,
+# backward, gradient clipping, AdamW, and an EMA of the weights (what samples). Around it, train() draws the batches,
+# stops at a NaN, logs and checkpoints (continued bit for bit), also under torchrun (section 14).
+
+def training_step(model, objective, batch, step, net, ema, opt, lr, lr_warmup, grad_clip, ema_decay, device,
+                  precision):
+    """Step `step` (from 0) on one batch: model is what the objective calls (net, or net under DDP or compiled),
+    net holds the float32 weights that opt updates and ema follows. Returns the loss and logs, still on the device."""
+    # the learning rate, warmed up linearly over the first lr_warmup steps
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / max(1, lr_warmup))
+    # the stage's objective, in bf16 autocast if asked
+    with bf16_autocast(device, precision):
+        loss, logs = objective(model, batch, step)
+    # backward, the gradient clipped to norm grad_clip, and AdamW's update
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    # the EMA of the weights after n updates, its decay warmed up as the official code's: min(decay, (1 + n)/(10 + n))
+    n = step + 1
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - min(ema_decay, (1 + n) / (10 + n)))
+    return loss, logs
 
 def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay=0.0, grad_clip=1.0,
           ema_decay=0.999, seed=0, device="cpu", precision="fp32", compile=False, checkpoint=None, meta=None,
-          resume=False, log_every=100, ckpt_every=1000, preview=None, preview_every=0):
+          resume=False, log_every=100, ckpt_every=1000, preview=None, preview_every=0, ema=None):
     """Minimise objective(model, batch, step) for `steps` steps, batch = data.sample(batch_size) (this process's share
-    of the global batch); return the EMA of net. A `checkpoint` path saves the run every ckpt_every steps, with meta
-    (stage, dataset, model_name, data_shape); resume=True continues it. preview(ema, step): every preview_every."""
-    settings = {k: v for k, v in locals().items() if isinstance(v, (bool, int, float, str))}  # for checkpoints
+    of the global batch); return the EMA of net, kept in `ema` if given (a copy of net on its device, which the
+    objective reads too) or in a copy of its own. A `checkpoint` path saves the run every ckpt_every steps, with meta (stage, dataset,
+    model_name, data_shape); resume=True continues it. preview(ema, step): every preview_every steps."""
+    settings = dict(steps=steps, batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, weight_decay=weight_decay,
+                    grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, precision=precision, compile=compile)
     meta, (rank, processes) = meta or {"stage": "train"}, world()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema = (copy.deepcopy(net) if ema is None else ema).eval().requires_grad_(False)
     step, saved = 0, None
     torch.manual_seed(seed + rank)  # each process its own noise; batches come from data's shared stream
     if resume and checkpoint and Path(checkpoint).exists():
         step = saved = resume_training(checkpoint, meta, net, ema, opt, data, seed)
-    if getattr(objective, "wants_ema", False):
-        objective.ema = ema  # e.g. TraFlow's consistency target
     model = training_view(net, device, compile)  # what the objective calls: net, under DDP and/or compiled
     net.train()
     tic, tic_step = time.time(), step
@@ -542,20 +563,10 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
     bad_step = torch.tensor(steps, device=device)
     try:
         while step < steps:
-            for group in opt.param_groups:  # linear warm-up of the learning rate
-                group["lr"] = lr * min(1.0, (step + 1) / max(1, lr_warmup))
-            with bf16_autocast(device, precision):
-                loss, logs = objective(model, data.sample(batch_size, rank, processes), step)
+            loss, logs = training_step(model, objective, data.sample(batch_size, rank, processes), step, net, ema,
+                                       opt, lr, lr_warmup, grad_clip, ema_decay, device, precision)
             bad_step = torch.where(torch.isfinite(loss.detach()), bad_step, bad_step.clamp(max=step))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-            opt.step()
             step += 1
-            with torch.no_grad():  # the EMA, warm (short runs need it), in one fused call on a GPU
-                decay = min(ema_decay, (1 + step) / (10 + step))
-                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
             log, save = step % log_every == 0 or step == steps, step % ckpt_every == 0 or step == steps
             show = preview is not None and preview_every and step % preview_every == 0
             if (log or save or show) and first_bad_step(bad_step) < steps:  # so a NaN never reaches a checkpoint
@@ -576,13 +587,12 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
                     saved = step
             if show and rank == 0:
                 preview(ema, step)
-    except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on
-        raise KeyboardInterrupt(f"[{meta['stage']}] stopped at step {step}. {last_good(checkpoint, saved)}"
-                                + ("; --resume continues it" if saved is not None else "")) from None
-    except torch.OutOfMemoryError:  # a batch too large for the device: say which flag to lower, and what is kept
+    except (KeyboardInterrupt, torch.OutOfMemoryError) as err:  # Ctrl-C, or a batch too large for the device
+        kept = last_good(checkpoint, saved) + ("; --resume continues it" if saved is not None else "")
+        if isinstance(err, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"[{meta['stage']}] stopped at step {step}. {kept}") from None
         raise TrainingError(f"[{meta['stage']}] out of memory on {device_memory(device)} at step {step}: lower "
-                            f"--batch-size. {last_good(checkpoint, saved)}"
-                            + ("; --resume continues it" if saved is not None else "")) from None
+                            f"--batch-size. {kept}") from None
     barrier()  # the next stage, in any process, reads the final checkpoint
     return ema
 
@@ -590,7 +600,7 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
 # 8. The pipeline, stage by stage ---------------------------------------------
 # Each stage reads what the one before wrote under --out (runs/<dataset>):
 #     teacher.pt -> pairs.pt -> reflow.pt -> distill.pt (or traflow.pt)
-# cfg: one stage's settings, from the defaults and the flags (section 17). stage_all (section 15) runs all four.
+# cfg: one stage's settings, from the defaults and the flags (section 18). stage_all (section 16) runs all four.
 
 def stage_teacher(cfg):
     """The 1-rectified flow v1: rectified flow on noise and data paired at random."""
@@ -627,12 +637,12 @@ def stage_traflow(cfg):
     v, model_name = load_stage_network(cfg, cfg.traflow_from)
     student = build_model(model_name, cfg.shape, two_times=True)
     student.load_state_dict(add_second_time(v.state_dict()))  # its s embedding: a copy of t's
-    objective = TraFlowLoss(v, cfg.lambda_vel, cfg.lambda_cons, cfg.traflow_phases, cfg.traflow_midpoint,
-                            cfg.traflow_target)
+    ema = copy.deepcopy(student) if cfg.traflow_target == "ema" else None  # train() keeps the EMA in it
+    objective = TraFlowLoss(v, cfg.lambda_vel, cfg.lambda_cons, cfg.traflow_phases, cfg.traflow_midpoint, ema)
     print(f"[traflow] from the {cfg.traflow_from} flow: lambda_vel {cfg.lambda_vel}, lambda_cons "
           f"{cfg.lambda_cons}, phases {cfg.traflow_phases}, midpoint {cfg.traflow_midpoint}")
     train_stage(cfg, "traflow", student.train(), objective, load_pairs(cfg),
-                preview=lambda g, z: traflow_sample(g, z, 1)[0], model_name=model_name)
+                preview=lambda g, z: traflow_sample(g, z, 1)[0], model_name=model_name, ema=ema)
 
 
 # =============================================================================
@@ -738,32 +748,7 @@ class TrainingData:
         return out[0] if len(out) == 1 else tuple(out)
 
 
-# 10. Networks by name, and the official checkpoints' names -------------------
-
-PRESETS = {  # the official CIFAR10 U-Nets, and two tiny ones for CPU demos and tests
-    "rf-61.8m": dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4),
-    "slim-27.9m": dict(nf=128, ch_mult=(1, 2, 2), num_res_blocks=2),
-    "slim-15.7m": dict(nf=96, ch_mult=(1, 2, 2), num_res_blocks=2),
-    "slim-7.0m": dict(nf=64, ch_mult=(1, 2, 2), num_res_blocks=2),
-    "slim-3.4m": dict(nf=64, ch_mult=(1, 1, 2), num_res_blocks=1),
-    "unet-tiny": dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
-    "unet-micro": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
-}
-MLP_PRESETS = {"mlp-256x3": dict(hidden=256, depth=3), "mlp-128x3": dict(hidden=128, depth=3),  # toy networks
-               "mlp-96x3": dict(hidden=96, depth=3), "mlp-64x2": dict(hidden=64, depth=2),
-               "mlp-32x2": dict(hidden=32, depth=2)}
-
-def build_model(name, data_shape, two_times=False):
-    """A network from a preset name for data of shape (2,) or (c, h, w)."""
-    if name in MLP_PRESETS and len(data_shape) == 1:
-        return MLP(dim=data_shape[0], **MLP_PRESETS[name], two_times=two_times)
-    if name in PRESETS and len(data_shape) == 3:
-        return UNet(**PRESETS[name], in_ch=data_shape[0], image_size=data_shape[-1], two_times=two_times)
-    kind, names = ("toy", MLP_PRESETS) if len(data_shape) == 1 else ("image", PRESETS)
-    raise UsageError(f"model {name!r} does not fit {kind} data; choose from {', '.join(names)}")
-
-def num_params(model):
-    return sum(p.numel() for p in model.parameters())
+# 10. Two-time networks, and the official checkpoints' names ------------------
 
 def add_second_time(state_dict):
     """A one-time network's weights for its two-time (TraFlow) twin: s's embedding is a copy of t's, and both
@@ -1002,69 +987,23 @@ def load_stage_network(cfg, stage, weights="ema"):
     net = load_checkpoint(path, OneStepGenerator(net) if made_by == "distill" else net, ckpt, weights)
     return to_device(net, cfg.device, cfg.channels_last).eval().requires_grad_(False), model_name
 
-LPIPS_URLS = ("https://download.pytorch.org/models/vgg16-397923af.pth",  # VGG16 on ImageNet, torchvision's
-              "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth")
-
-def lpips_network(weights=None):
-    """LPIPS v0.1 on VGG16, as lpips.LPIPS(net="vgg") computes it and with its layout: images in
-    [-1, 1] -> distances. weights: None (random, for tests), a path or a state dict."""
-    class LPIPS(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scaling_layer = nn.Module()  # [-1, 1] onto ImageNet's statistics
-            self.scaling_layer.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-            self.scaling_layer.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-            vgg, ch = nn.Sequential(), 3  # torchvision's vgg16().features up to relu5_3, numbered as there
-            for width in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
-                vgg.extend([nn.MaxPool2d(2)] if width == "M" else [nn.Conv2d(ch, width, 3, padding=1), nn.ReLU()])
-                ch = ch if width == "M" else width
-            ends = (0, 4, 9, 16, 23, 30)  # slices (which keep the layers' numbers) end at relu1_2, 2_2, 3_3, 4_3, 5_3
-            self.net = nn.ModuleDict({f"slice{k + 1}": vgg[a:b] for k, (a, b) in enumerate(zip(ends, ends[1:]))})
-            convs = [nn.Conv2d(width, 1, 1, bias=False) for width in (64, 128, 256, 512, 512)]  # weights per channel
-            self.lins = nn.ModuleList(nn.ModuleDict({"model": nn.Sequential(nn.Identity(), conv)}) for conv in convs)
-            for k, lin in enumerate(self.lins):  # lpips holds each twice, as lins.<k> and lin<k>; Identity: its dropout
-                self.add_module(f"lin{k}", lin)
-
-        def forward(self, a, b):  # unit-normalised features' squared differences, weighed per channel
-            x, distance = (torch.cat([a, b]) - self.scaling_layer.shift) / self.scaling_layer.scale, 0
-            for layers, lin in zip(self.net.values(), self.lins):
-                x = layers(x)
-                fa, fb = (x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
-                distance = distance + lin.model((fa - fb).square()).mean((2, 3))
-            return distance.flatten()
-
-    return (LPIPS() if weights is None else load_weights(LPIPS(), weights, "LPIPS")).eval().requires_grad_(False)
-
-def lpips_distance(cfg):
-    """The official distillation distance: LPIPS at 64x64 (bilinear, align_corners=True; grey as RGB), with
-    --lpips-weights or torchvision's VGG16 and LPIPS v0.1's layers, downloaded once into <data-dir>/lpips."""
-    weights = cfg.lpips_weights
-    if weights is None:
-        vgg, lin = (load_file(download(url, Path(cfg.data_dir) / "lpips", "the LPIPS weights", "--lpips-weights"),
-                              "an LPIPS weights") for url in LPIPS_URLS)
-        weights = lpips_network().state_dict()  # the layout, and the input scaling's constants
-        weights.update({k: vgg["features." + k.split(".", 2)[2]] for k in weights if k.startswith("net.")})  # VGG16
-        weights.update({k: lin[k.replace("lins.", "lin")] for k in weights if k.startswith("lin")})  # lins.<k>: lin<k>
-    net = lpips_network(weights).to(cfg.device)
-
-    def distance(a, b):
-        a, b = (F.interpolate(x.expand(-1, 3, -1, -1), size=64, mode="bilinear", align_corners=True) for x in (a, b))
-        return net(a, b)
-    return distance
-
-def train_stage(cfg, stage, net, objective, data, preview, model_name=None):
-    """train() in cfg's settings, checkpointed to --out, with previews of preview(ema, z); returns the EMA."""
+def train_stage(cfg, stage, net, objective, data, preview, model_name=None, ema=None):
+    """train() in cfg's settings, checkpointed to --out, with previews of preview(ema, z); returns the EMA (kept in
+    `ema` if given)."""
     model_name, processes = model_name or (cfg.teacher_model if stage == "teacher" else cfg.model), world()[1]
     print(f"[{stage}] {model_name}: {num_params(net):,} parameters, {cfg.steps} steps of batch "
           f"{cfg.batch_size} on {cfg.device}" + (f" x {processes} processes" if processes > 1 else ""))
     net = to_device(net, cfg.device, cfg.channels_last)
+    if ema is not None:  # a network the objective reads too: moved in place (nn.Module.to), so the objective's moves
+        to_device(ema, cfg.device, cfg.channels_last)
     z, folder = fixed_noise(cfg, 2000 if cfg.toy else 64, "samples").to(cfg.device), Path(cfg.out) / "previews"
     return train(net, objective, data, cfg.steps, cfg.batch_size, cfg.lr, lr_warmup=cfg.lr_warmup,
                  weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, seed=cfg.seed,
                  device=cfg.device, precision=cfg.precision, compile=cfg.compile, checkpoint=out_path(cfg, stage),
                  meta=dict(stage=stage, dataset=cfg.dataset, model_name=model_name, data_shape=list(cfg.shape)),
                  resume=cfg.resume, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, preview_every=cfg.preview_every,
-                 preview=lambda ema, step: save_preview(preview(ema, z), folder / f"{stage}_{step:07d}.png", cfg))
+                 preview=lambda ema, step: save_preview(preview(ema, z), folder / f"{stage}_{step:07d}.png", cfg),
+                 ema=ema)
 
 def save_preview(x, path, cfg):
     """A PNG of samples: an image grid, or 2-D samples over the data; or panels {title: paths (steps, n, 2)}."""
@@ -1214,7 +1153,125 @@ def training_view(net, device, compile=False):
     return torch.compile(net) if compile else net
 
 
-# 15. Sampling and evaluation -------------------------------------------------
+# 15. Pretrained feature networks: FID's Inception and LPIPS ------------------
+# Downloaded once by download(); built here layer for layer, so that no package beyond torchvision is needed.
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+
+def download(url, folder, what, flag):
+    """The file at url, kept in folder: downloaded once, with a progress line; offline, a one-line error."""
+    import urllib.request
+    path = Path(folder) / url.split("?")[0].rsplit("/", 1)[1]
+
+    def copy(f):  # in chunks, into save_atomic's temporary file: a 0.5 GB file is never held in memory
+        with urllib.request.urlopen(url, timeout=20) as response:  # never hang offline
+            size = int(response.headers.get("Content-Length") or 0)
+            while chunk := response.read(1 << 22):
+                f.write(chunk)
+                print(f"\r[download] {path.name}: {f.tell() / 1e6:.1f} of {size / 1e6:.1f} MB", end="")
+        print()
+    if not path.exists():
+        try:
+            save_atomic(copy, path)
+        except OSError as err:
+            raise UsageError(f"could not download {what} ({err}); download {url} and put it at {path.resolve()}, "
+                             f"or pass {flag} PATH") from None
+    return path
+
+def tf1_resize(x, size):
+    """Bilinear resize of (b, c, h, w) to size x size as TensorFlow 1 (the FID graph) does it: output pixel
+    i samples the input at i·in/out, with no half-pixel centres, interpolating along the width first."""
+    def taps(n):  # for each output pixel: the source pixels either side, and the weight of the second
+        src = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
+        lo = src.floor().long()
+        return lo, (lo + 1).clamp(max=n - 1), (src - lo).to(x.dtype)
+    (top, bottom, wy), (left, right, wx) = taps(x.shape[-2]), taps(x.shape[-1])
+    x = x[..., left] + (x[..., right] - x[..., left]) * wx
+    return x[..., top, :] + (x[..., bottom, :] - x[..., top, :]) * wy[:, None]
+
+def fid_inception(weights=None):
+    """The FID Inception network, in eval mode: images in [-1, 1], any size, 1 or 3 channels -> (batch, 2048)
+    features. weights: None (random, for tests), a path or a state dict laid out as FID_WEIGHTS_URL's file."""
+    # the TF graph of 2015 is torchvision's Inception3 but for: the A, C and E blocks' pool branches average
+    # without the zero padding, the last E block max-pools there, and the classifier has 1008 outputs
+    from torchvision.models import inception as tv
+
+    class PaddingFreePool:  # mixin for InceptionA/C/E: redo the pool branch the TF way
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+
+        def _forward(self, x):
+            return super()._forward(x)[:-1] + [self.branch_pool(self.pool(x))]
+
+    class FIDInception(tv.Inception3):
+        def forward(self, x):
+            x = (x.float().expand(-1, 3, -1, -1) + 1) * 127.5  # grey -> RGB, and 8-bit values
+            x = (tf1_resize(x, 299) - 128) / 128  # the graph's own resize and scaling
+            for layer in list(self.children())[:-1]:  # everything up to the pooled features, not fc
+                x = layer(x)
+            return x.flatten(1)
+
+    blocks = [tv.BasicConv2d, type("A", (PaddingFreePool, tv.InceptionA), {}), tv.InceptionB,
+              type("C", (PaddingFreePool, tv.InceptionC), {}), tv.InceptionD,
+              type("E", (PaddingFreePool, tv.InceptionE), {}), tv.InceptionAux]
+    net = FIDInception(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
+    net.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
+    return (net if weights is None else load_weights(net, weights, "FID Inception")).eval().requires_grad_(False)
+
+LPIPS_URLS = ("https://download.pytorch.org/models/vgg16-397923af.pth",  # VGG16 on ImageNet, torchvision's
+              "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth")
+
+def lpips_network(weights=None):
+    """LPIPS v0.1 on VGG16, as lpips.LPIPS(net="vgg") computes it and with its layout: images in
+    [-1, 1] -> distances. weights: None (random, for tests), a path or a state dict."""
+    class LPIPS(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scaling_layer = nn.Module()  # [-1, 1] onto ImageNet's statistics
+            self.scaling_layer.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+            self.scaling_layer.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+            vgg, ch = nn.Sequential(), 3  # torchvision's vgg16().features up to relu5_3, numbered as there
+            for width in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+                vgg.extend([nn.MaxPool2d(2)] if width == "M" else [nn.Conv2d(ch, width, 3, padding=1), nn.ReLU()])
+                ch = ch if width == "M" else width
+            ends = (0, 4, 9, 16, 23, 30)  # slices (which keep the layers' numbers) end at relu1_2, 2_2, 3_3, 4_3, 5_3
+            self.net = nn.ModuleDict({f"slice{k + 1}": vgg[a:b] for k, (a, b) in enumerate(zip(ends, ends[1:]))})
+            convs = [nn.Conv2d(width, 1, 1, bias=False) for width in (64, 128, 256, 512, 512)]  # weights per channel
+            self.lins = nn.ModuleList(nn.ModuleDict({"model": nn.Sequential(nn.Identity(), conv)}) for conv in convs)
+            for k, lin in enumerate(self.lins):  # lpips holds each twice, as lins.<k> and lin<k>; Identity: its dropout
+                self.add_module(f"lin{k}", lin)
+
+        def forward(self, a, b):  # unit-normalised features' squared differences, weighed per channel
+            x, distance = (torch.cat([a, b]) - self.scaling_layer.shift) / self.scaling_layer.scale, 0
+            for layers, lin in zip(self.net.values(), self.lins):
+                x = layers(x)
+                fa, fb = (x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
+                distance = distance + lin.model((fa - fb).square()).mean((2, 3))
+            return distance.flatten()
+
+    return (LPIPS() if weights is None else load_weights(LPIPS(), weights, "LPIPS")).eval().requires_grad_(False)
+
+def lpips_distance(cfg):
+    """The official distillation distance: LPIPS at 64x64 (bilinear, align_corners=True; grey as RGB), with
+    --lpips-weights or torchvision's VGG16 and LPIPS v0.1's layers, downloaded once into <data-dir>/lpips."""
+    weights = cfg.lpips_weights
+    if weights is None:
+        vgg, lin = (load_file(download(url, Path(cfg.data_dir) / "lpips", "the LPIPS weights", "--lpips-weights"),
+                              "an LPIPS weights") for url in LPIPS_URLS)
+        weights = lpips_network().state_dict()  # the layout, and the input scaling's constants
+        weights.update({k: vgg["features." + k.split(".", 2)[2]] for k in weights if k.startswith("net.")})  # VGG16
+        weights.update({k: lin[k.replace("lins.", "lin")] for k in weights if k.startswith("lin")})  # lins.<k>: lin<k>
+    net = lpips_network(weights).to(cfg.device)
+
+    def distance(a, b):
+        a, b = (F.interpolate(x.expand(-1, 3, -1, -1), size=64, mode="bilinear", align_corners=True) for x in (a, b))
+        return net(a, b)
+    return distance
+
+
+# 16. Sampling and evaluation -------------------------------------------------
 # Samples come from fixed noise, so every stage and sampler sees the same Z0. `eval` prints one
 # row of the paper's table; the default toy run prints one per model of the pipeline.
 
@@ -1247,29 +1304,6 @@ def stage_sample(cfg):
     save_preview(x, path.with_suffix(".png"), cfg)
     print(f"[sample] {len(x)} samples from {stage} ({sampler_name(stage, nfe, cfg.sampler)}, NFE {nfe}) -> {path} "
           f"and {path.with_suffix('.png')}")
-
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-
-def download(url, folder, what, flag):
-    """The file at url, kept in folder: downloaded once, with a progress line; offline, a one-line error."""
-    import urllib.request
-    path = Path(folder) / url.split("?")[0].rsplit("/", 1)[1]
-
-    def copy(f):  # in chunks, into save_atomic's temporary file: a 0.5 GB file is never held in memory
-        with urllib.request.urlopen(url, timeout=20) as response:  # never hang offline
-            size = int(response.headers.get("Content-Length") or 0)
-            while chunk := response.read(1 << 22):
-                f.write(chunk)
-                print(f"\r[download] {path.name}: {f.tell() / 1e6:.1f} of {size / 1e6:.1f} MB", end="")
-        print()
-    if not path.exists():
-        try:
-            save_atomic(copy, path)
-        except OSError as err:
-            raise UsageError(f"could not download {what} ({err}); download {url} and put it at {path.resolve()}, "
-                             f"or pass {flag} PATH") from None
-    return path
 
 def fid_metric(cfg, extractor=None):
     """fid(x): the FID of images x against the training set. Ready before the first sample: the Inception weights
@@ -1450,7 +1484,7 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
     print(f"[all] trajectories -> {path}")
 
 
-# 16. Bench -------------------------------------------------------------------
+# 17. Bench -------------------------------------------------------------------
 
 def stage_bench(cfg):
     """Samples/s of the student (--model) and the teacher (--teacher-model): training steps at --batch-size, one-step
@@ -1478,13 +1512,11 @@ def stage_bench(cfg):
             torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
             net = copy.deepcopy(start)  # every configuration from the same weights: RK45 takes the same steps
             model, opt = torch.compile(net) if compiled else net, torch.optim.AdamW(net.parameters(), lr=1e-4)
+            ema = copy.deepcopy(net).requires_grad_(False)
 
-            def train_step(x):  # changes the weights, so it is timed last
-                with bf16_autocast(device, precision):
-                    loss, _ = RectifiedFlowLoss()(model.train(), x, 0)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            def train_step(x):  # the training loop's own step, EMA and clipping included; timed last: it trains
+                training_step(model.train(), RectifiedFlowLoss(), x, 0, net, ema, opt, 1e-4, 0, 1.0, 0.999, device,
+                              precision)
             with bf16_autocast(device, precision):
                 one_step = samples_per_second(lambda z: one_step_sample(model.eval(), z), z)
                 tic = time.perf_counter()
@@ -1505,7 +1537,7 @@ def stage_bench(cfg):
     return rows
 
 
-# 17. Settings and the command line -------------------------------------------
+# 18. Settings and the command line -------------------------------------------
 # One settings object per stage, built once and never changed: the defaults of every run, then those of the
 # data's kind (2-D toy, image, and the `shapes` demo) and of the stage, then the flags given, which always win.
 # The image defaults are the official CIFAR10 settings.
@@ -1614,17 +1646,17 @@ def parse_args(argv=None):
         ("--pairs-batch", count, "batch size of RK45 pair generation (one shard) and of sampling"),
         ("--rtol", positive, "RK45 relative tolerance (1e-5)"), ("--atol", positive, "RK45 absolute tolerance (1e-5)"),
         ("--anneal-steps", count_or_0, "Annealing Reflow's K (0: plain reflow)"),
-        ("--beta-schedule", ("linear", "cosine", "exponential"), "default linear"),
-        ("--distance", ("l2", "huber", "lpips"), "default l2"),
+        ("--beta-schedule", BETA_SCHEDULES, "default linear"),
+        ("--distance", (*DISTANCES, "lpips"), "default l2"),
         ("--reg-weight", at_least_0, "lambda of the 2-rectified-flow regularization (0: naive distillation)"),
-        ("--target-form", ("official", "paper"),
+        ("--target-form", TARGET_FORMS,
          "the regularization target's first step along the student's u (official, default) or v2 (paper)"),
         ("--traflow-from", ("teacher", "reflow"), "the flow TraFlow distills and starts from"),
         ("--lambda-vel", at_least_0, "TraFlow velocity loss weight (default 1)"),
         ("--lambda-cons", at_least_0, "TraFlow consistency loss weight (default 1)"),
         ("--traflow-phases", count_or_0,
          "K > 0: consistency alone for K steps, then output + velocity (default 0: all at once)"),
-        ("--traflow-midpoint", ("student", "teacher"), "default student"),
+        ("--traflow-midpoint", TRAFLOW_MIDPOINTS, "default student"),
         ("--traflow-target", ("stopgrad", "ema"), "default stopgrad"), ("--sampler", SAMPLERS, "default rk45"),
         ("--nfe", count, "euler: N steps; heun: (N+1)//2 steps, NFE 2·steps - 1; traflow: N jumps"),
         ("--from", dict(dest="sample_from", choices=SAMPLE_SOURCES), "stage to sample or evaluate (default: latest)"),

@@ -233,6 +233,10 @@ def test_training_times_are_uniform_on_eps_to_one():
     assert sf.EPS <= t.min() < sf.EPS + 1e-4 and 1 - 1e-4 < t.max() <= 1
     assert t.mean().item() == pytest.approx((1 + sf.EPS) / 2, abs=2e-3)
 
+def test_rk45_returns_its_end_point_without_the_trajectory():
+    x, _ = sf.rk45_sample(lambda x, t: -x, torch.randn(4, 2))
+    assert x.untyped_storage().nbytes() == x.nbytes  # what a shard saves: the end, not the whole path
+
 
 # ----------------------------------------------------------------------------- 4. The objectives
 
@@ -446,8 +450,8 @@ def consistency_gap(midpoint, target, j, t, u):
 def test_traflow_consistency_by_its_closed_form(midpoint, target):
     torch.manual_seed(0)
     student = TwoTimeField(ALPHA, KAPPA)
-    loss_fn = sf.TraFlowLoss(AffineField(BETA, k=MU), phase_steps=1, midpoint=midpoint, target=target)
-    loss_fn.ema = TwoTimeField(GAMMA, KAPPA_EMA)  # train() hands its EMA network to a loss that wants it
+    ema = TwoTimeField(GAMMA, KAPPA_EMA) if target == "ema" else None  # train() keeps the student's EMA in it
+    loss_fn = sf.TraFlowLoss(AffineField(BETA, k=MU), phase_steps=1, midpoint=midpoint, ema=ema)
     zeros = torch.zeros(200_000, 2, dtype=torch.float64)
     loss, logs = loss_fn(student, (zeros, zeros), 0)  # step 0 < phase_steps: consistency alone
     expected = np.mean([traflow_mean(lambda t, u: consistency_gap(midpoint, target, j, t, u) ** 2) for j in range(2)])
@@ -580,81 +584,6 @@ def test_frechet_distance_refuses_a_complex_square_root():
     with pytest.raises(ValueError, match="imaginary"):
         sf.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))
 
-def random_fid_weights():
-    """A state dict laid out exactly as the published file (no num_batches_tracked)."""
-    g = torch.Generator().manual_seed(0)
-    state = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in sf.fid_inception().state_dict().items()
-             if not k.endswith("num_batches_tracked")}
-    for k in state:  # plausible BatchNorm statistics keep activations finite
-        if k.endswith(("running_var", "bn.weight")):
-            state[k] = 0.75 + 0.5 * torch.rand(state[k].shape, generator=g)
-    return state
-
-@pytest.fixture(scope="module")
-def fid_net():
-    return sf.fid_inception(random_fid_weights())
-
-def test_fid_network_has_the_reference_layout():
-    entries, sha256, spelled_out = FID_LAYOUT
-    lines = sorted(layout_lines(sf.fid_inception().state_dict()))
-    assert len(lines) == entries and set(spelled_out) <= set(lines)
-    assert sha256_of_lines(lines) == sha256
-
-def test_fid_network_sees_299_by_299_rgb_images(fid_net):
-    seen = []
-    hook = fid_net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
-    with torch.no_grad():
-        fid_net(torch.zeros(2, 1, 32, 32))
-    hook.remove()
-    assert seen == [(2, 3, 299, 299)]
-
-@pytest.mark.parametrize("image, size, expected", [
-    ([[10., 30.], [50., 70.]], 4, [[10, 20, 30, 30], [30, 40, 50, 50], [50, 60, 70, 70], [50, 60, 70, 70]]),
-    ([[0., 100., 200.], [300., 400., 500.], [600., 700., 800.]], 2, [[0, 150], [450, 600]]),
-])
-def test_tf1_resize_samples_output_pixel_i_at_i_times_in_over_out(image, size, expected):
-    # worked out by hand: sources at 0, 0.5, 1, 1.5 (clamped) and at 0, 1.5. PyTorch's
-    # align_corners=False gives [[10, 15, 25, 30], ...] and [[100, 250], [550, 700]]
-    x = torch.tensor(image)[None, None]
-    assert torch.equal(sf.tf1_resize(x, size), torch.tensor(expected, dtype=torch.float32)[None, None])
-
-def test_fid_network_sees_8_bit_values_scaled_as_the_tensorflow_graph(fid_net):
-    seen = []
-    hook = fid_net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    with torch.no_grad():
-        fid_net(torch.tensor([-1.0, 1.0]).repeat(1, 3, 4, 1))  # two columns: 8-bit 0 and 255
-    hook.remove()
-    row = seen[0][0, 0, 0]  # output column i samples at 2i/299: a ramp to column 1, then 255 for i >= 150
-    assert row[0] == -1 and (row[1:150] > row[:149]).all() and torch.equal(row[150:].unique(), torch.tensor([127 / 128]))
-
-def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
-    with torch.no_grad():
-        rgb = fid_net(torch.rand(2, 3, 32, 32) * 2 - 1)
-        grey = torch.rand(2, 1, 28, 28) * 2 - 1
-        f_grey, f_repeated = fid_net(grey), fid_net(grey.repeat(1, 3, 1, 1))
-    assert rgb.shape == f_grey.shape == (2, 2048) and torch.isfinite(rgb).all() and rgb.std() > 0
-    torch.testing.assert_close(f_grey, f_repeated)
-
-def test_fid_network_pools_the_tensorflow_way(fid_net):
-    with torch.no_grad():  # the pool branch is the last slice of each block's output
-        x = torch.randn(1, 192, 9, 9)
-        torch.testing.assert_close(fid_net.Mixed_5b(x)[:, -32:],
-                                   fid_net.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
-        x = torch.randn(1, 2048, 5, 5)
-        torch.testing.assert_close(fid_net.Mixed_7c(x)[:, -192:], fid_net.Mixed_7c.branch_pool(F.max_pool2d(x, 3, 1, 1)))
-
-@pytest.mark.parametrize("change, match", [
-    (lambda s: s.__setitem__("fc.weight", torch.zeros(1000, 2048)), "fc.weight"),
-    (lambda s: s.__setitem__("AuxLogits.fc.weight", torch.zeros(1008, 768)), "AuxLogits.fc.weight"),
-    (lambda s: s.pop("Mixed_7c.branch_pool.conv.weight"), "Mixed_7c.branch_pool.conv.weight"),
-])
-def test_fid_network_refuses_another_layout(change, match):
-    state = random_fid_weights()
-    change(state)
-    with pytest.raises(sf.UsageError, match=match):  # bad input: one line, exit status 2
-        sf.fid_inception(state)
-
-
 # ----------------------------------------------------------------------------- 7. The training loop
 
 TOY_TRAINING = dict(steps=20, batch_size=64, lr=1e-3, lr_warmup=100, grad_clip=1.0, ema_decay=0.999, log_every=10,
@@ -726,6 +655,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 TINY = ["--steps", "20", "--batch-size", "64", "--teacher-model", "mlp-64x2", "--model", "mlp-64x2",
         "--num-pairs", "256", "--log-every", "10", "--ckpt-every", "10", "--num-samples", "500"]
 
+SHAPES = ["--dataset", "shapes", "--max-images", "16", "--steps", "2", "--batch-size", "4", "--num-pairs", "8",
+          "--pairs-batch", "4", "--num-samples", "8", "--preview-every", "0", "--teacher-model", "unet-micro",
+          "--model", "unet-micro"]
+
 def run(tmp_path, *argv):
     return sf.main(["--out", str(tmp_path), *TINY, *argv])
 
@@ -775,6 +708,46 @@ def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(teacher_
     assert_one_line_error(capsys, "No space left on device")
     assert (out / "teacher.pt").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == [".lock", "teacher.pt"]  # no partial file left
+
+def test_ctrl_c_names_the_checkpoint_to_resume_and_exits_130(tmp_path, capsys, monkeypatch):
+    loss = sf.RectifiedFlowLoss.__call__
+
+    def interrupted_at_15(self, net, x, step):
+        if step == 15:
+            raise KeyboardInterrupt
+        return loss(self, net, x, step)
+    monkeypatch.setattr(sf.RectifiedFlowLoss, "__call__", interrupted_at_15)
+    assert run(tmp_path, "--stage", "teacher") == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'teacher.pt'} (step 10)" in err and "--resume" in err
+    assert torch.load(tmp_path / "teacher.pt", weights_only=True)["step"] == 10
+
+def test_a_checkpoint_is_written_only_when_the_ema_is_finite_too(tmp_path):
+    with pytest.raises(sf.TrainingError, match="the weights or their EMA are not finite at step 5"):
+        sf.train(sf.MLP(hidden=16, depth=1), sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)), 10,
+                 8, 1e-3, ema_decay=float("nan"), checkpoint=tmp_path / "t.pt", ckpt_every=5)
+    assert not (tmp_path / "t.pt").exists()
+
+def out_of_memory_from_call(owner, name, n, monkeypatch):
+    """owner.name raises CUDA's out-of-memory error from its n-th call on, as a batch too large for a GPU does."""
+    original, calls = getattr(owner, name), []
+
+    def crowded(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= n:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, crowded)
+
+def test_out_of_memory_in_training_names_the_flag_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher", "--steps", "10") == 0
+    before = (tmp_path / "teacher.pt").read_bytes()
+    out_of_memory_from_call(sf.MLP, "forward", 3, monkeypatch)  # the third step of the resumed run
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "teacher", "--resume", "--ckpt-every", "100") == 1
+    assert_one_line_error(capsys, f"[teacher] out of memory on cpu at step 12: lower --batch-size. Last good "
+                                  f"checkpoint: {tmp_path / 'teacher.pt'} (step 10); --resume continues it")
+    assert (tmp_path / "teacher.pt").read_bytes() == before
 
 
 # ----------------------------------------------------------------------------- 8. The pipeline, stage by stage
@@ -981,8 +954,21 @@ def test_pairs_share_one_flip():
     assert all(torch.equal(a, b) for a, b in batches)
     assert any(torch.equal(a[i, 0, 0], a[i, 0, 0].sort().values.flip(0)) for a, _ in batches for i in range(16))
 
+def test_unreadable_data_files_are_one_line_errors(tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    (folder / "b.png").write_text("not an image")
+    with pytest.raises(sf.UsageError, match=f"{folder / 'b.png'} is not a readable image"):
+        sf.image_dataset("folder", folder)
+    header = b"".join(n.to_bytes(4, "big") for n in (2051, 10, 28, 28))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + bytes(28 * 28 * 3))
+    with pytest.raises(sf.UsageError, match="is truncated: 3 of its 10 images"):
+        sf.read_idx_images(tmp_path / "train-images-idx3-ubyte")
 
-# ----------------------------------------------------------------------------- 10. Networks by name, official names
+
+# ----------------------------------------------------------------------------- 10. Two-time networks, official names
 
 OFFICIAL_PARAMS = {"rf-61.8m": 61_804_419, "slim-27.9m": 27_906_179, "slim-15.7m": 15_707_235,
                    "slim-7.0m": 6_989_891, "slim-3.4m": 3_437_123}
@@ -1136,14 +1122,14 @@ def randomised_unet(two_times=False, seed=0):
             p.add_(0.1 * torch.randn_like(p))
     return net
 
-def test_an_official_checkpoint_loads_and_computes_the_same_function(tmp_path):
+def test_round_trip_through_an_official_checkpoint_computes_the_same_function(tmp_path):
     net = randomised_unet()
     official_file(net, tmp_path / "official.pth", ema_scale=0.0)  # raw weights zeroed: EMA must be used
     loaded = sf.load_checkpoint(tmp_path / "official.pth", sf.UNet(**sf.PRESETS["unet-micro"]).eval())
     x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
     assert torch.equal(loaded(x, t), net(x, t))
 
-def test_an_official_checkpoint_gives_its_raw_weights_on_request(tmp_path):  # the distilled student's start
+def test_round_trip_through_an_official_checkpoint_gives_its_raw_weights_on_request(tmp_path):  # the distilled student's start
     net = randomised_unet()
     official_file(net, tmp_path / "official.pth", ema_scale=2.0)  # raw weights: twice the EMA's
     raw = sf.load_checkpoint(tmp_path / "official.pth", sf.UNet(**sf.PRESETS["unet-micro"]), weights="model")
@@ -1164,7 +1150,7 @@ def test_an_official_layout_with_a_bad_tensor_is_refused(tmp_path, drop, reshape
     with pytest.raises(sf.UsageError, match=pattern.replace("(", r"\(").replace(")", r"\)")):
         sf.load_checkpoint(tmp_path / "bad.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
 
-def test_an_official_model_without_ema_loads_its_raw_weights(tmp_path):
+def test_round_trip_through_an_official_model_without_ema_gives_its_raw_weights(tmp_path):
     net = randomised_unet()
     torch.save({"model": {f"module.{k}": v for k, v in sf.to_official(net.state_dict()).items()}, "step": 0},
                tmp_path / "noema.pth")
@@ -1179,7 +1165,7 @@ def test_an_official_ema_of_another_length_is_refused(tmp_path):
     with pytest.raises(sf.UsageError, match="EMA holds"):
         sf.load_checkpoint(tmp_path / "short.pth", sf.UNet(**sf.PRESETS["unet-micro"]))
 
-def test_pairs_stage_starts_from_an_official_teacher(tmp_path, capsys):
+def test_pairs_stage_starts_from_an_official_teacher_made_by_our_conversion(tmp_path, capsys):
     official_file(randomised_unet(), tmp_path / "teacher_official.pth")
     argv = ["--dataset", "shapes", "--out", str(tmp_path), "--stage", "pairs", "--teacher-model", "unet-micro",
             "--teacher-ckpt", str(tmp_path / "teacher_official.pth"), "--num-pairs", "4", "--pairs-batch", "4",
@@ -1233,6 +1219,42 @@ def test_a_checkpoint_of_another_stage_is_refused(tmp_path, capsys):
     assert run(tmp_path, "--stage", "sample", "--teacher-ckpt", str(tmp_path / "pairs.pt"), "--from", "teacher") == 2
     assert_one_line_error(capsys, "holds the 'pairs' stage, not 'teacher'")
 
+def test_a_checkpoint_of_another_image_size_is_refused(tmp_path, capsys):
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "teacher"]) == 0
+    capsys.readouterr()
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "pairs", "--image-size", "16"]) == 2
+    assert_one_line_error(capsys, "holds data of shape (3, 32, 32), not (3, 16, 16)")
+
+def test_corrupt_json_files_are_one_line_errors(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    (tmp_path / "metrics.json").write_text("{corrupt")
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "eval", "--from", "teacher") == 2
+    assert_one_line_error(capsys, f"{tmp_path / 'metrics.json'} is corrupt")
+    (tmp_path / "metrics.json").unlink()
+    (tmp_path / "pairs.shards").mkdir()
+    (tmp_path / "pairs.shards" / "recipe.json").write_text("{corrupt")
+    assert run(tmp_path, "--stage", "pairs") == 2
+    assert_one_line_error(capsys, f"{tmp_path / 'pairs.shards' / 'recipe.json'} is corrupt")
+
+def test_json_files_are_written_atomically(tmp_path, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    assert run(tmp_path, "--stage", "eval", "--from", "teacher") == 0
+    before = (tmp_path / "metrics.json").read_bytes()
+    monkeypatch.setattr(os, "replace", never("replaced"))
+    with pytest.raises(AssertionError):
+        run(tmp_path, "--stage", "eval", "--from", "teacher", "--sampler", "euler")
+    assert (tmp_path / "metrics.json").read_bytes() == before
+
+def test_a_full_disk_under_torch_save_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    def writer_fails(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills
+        Path(f).write_bytes(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 5056 vs 4950\nmore")
+    monkeypatch.setattr(torch, "save", writer_fails)
+    assert run(tmp_path, "--stage", "teacher") == 1
+    assert_one_line_error(capsys, f"could not write {tmp_path / 'teacher.pt'} ([enforce fail")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
 
 # ----------------------------------------------------------------------------- 12. The run directory
 
@@ -1263,101 +1285,6 @@ def test_a_checkpoint_by_url_is_downloaded_once(tmp_path, capsys):
     assert run(tmp_path / "c", "--stage", "pairs", "--teacher-ckpt", url + "?x") == 2  # the server is gone
     assert_one_line_error(capsys, "could not download the checkpoint http://127.0.0.1")
 
-@pytest.fixture(scope="module")
-def lpips_net():
-    return sf.lpips_network()
-
-def test_lpips_has_the_layout_of_the_lpips_package(lpips_net):
-    shapes = {k: tuple(v.shape) for k, v in lpips_net.state_dict().items()}
-    convs = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256), (512, 256), (512, 512),
-             (512, 512), (512, 512), (512, 512), (512, 512)]  # VGG16's 13 convolutions, numbered as torchvision's
-    indices = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
-    slices = [1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
-    expected = {"scaling_layer.shift": (1, 3, 1, 1), "scaling_layer.scale": (1, 3, 1, 1)}
-    for (c_out, c_in), i, k in zip(convs, indices, slices):
-        expected.update({f"net.slice{k}.{i}.weight": (c_out, c_in, 3, 3), f"net.slice{k}.{i}.bias": (c_out,)})
-    for k, c in enumerate((64, 128, 256, 512, 512)):
-        expected.update({f"lin{k}.model.1.weight": (1, c, 1, 1), f"lins.{k}.model.1.weight": (1, c, 1, 1)})
-    assert shapes == expected
-
-def test_lpips_is_zero_on_equal_images_and_symmetric(lpips_net):
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
-    with torch.no_grad():
-        assert torch.equal(lpips_net(a, a), torch.zeros(3))
-        d = lpips_net(a, b)
-        assert d.shape == (3,) and (d != 0).all() and torch.allclose(d, lpips_net(b, a), rtol=1e-6)
-
-def test_lpips_by_hand_on_plain_colours():
-    # convolutions that pass the 3 colour channels through (centre tap 1, biases 0), so every
-    # depth sees relu((x - shift)/scale) of the plain colour; the linear layers weigh channel 0
-    # by 1, 1 by 2 and 2 by 3: LPIPS = 5 depths · Σ_c w_c·(û_a - û_b)_c² with û the unit vector
-    net = sf.lpips_network()
-    state = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
-    for key in state:
-        if key.startswith("net.") and key.endswith("weight"):
-            for c in range(3):
-                state[key][c, c, 1, 1] = 1.0
-        if key.startswith("lin"):
-            state[key][0, :3] = torch.tensor([1.0, 2.0, 3.0])[:, None, None]
-    shift, scale = torch.tensor([-0.030, -0.088, -0.188]), torch.tensor([0.458, 0.448, 0.450])
-    state.update({"scaling_layer.shift": shift.view(1, 3, 1, 1), "scaling_layer.scale": scale.view(1, 3, 1, 1)})
-    net = sf.lpips_network(state)
-    a, b = torch.tensor([0.2, 0.5, -0.1]), torch.tensor([0.9, 0.1, 0.3])
-    unit = [((x - shift) / scale).clamp(min=0) / ((x - shift) / scale).clamp(min=0).norm() for x in (a, b)]
-    expected = 5 * (torch.tensor([1.0, 2.0, 3.0]) * (unit[0] - unit[1]).square()).sum()
-    with torch.no_grad():
-        d = net(a.view(1, 3, 1, 1).expand(2, 3, 16, 16), b.view(1, 3, 1, 1).expand(2, 3, 16, 16))
-    torch.testing.assert_close(d, expected.expand(2), rtol=1e-5, atol=0)
-
-def test_the_distillation_distance_is_lpips_at_64_by_64(tmp_path, lpips_net):
-    torch.save(lpips_net.state_dict(), tmp_path / "lpips.pth")
-    cfg = sf.settings_for({"dataset": "shapes", "lpips_weights": str(tmp_path / "lpips.pth"), "device": "cpu"}, "distill")
-    a, b = torch.rand(2, 1, 28, 28) * 2 - 1, torch.rand(2, 1, 28, 28) * 2 - 1  # grey: seen as RGB
-    up = [F.interpolate(x.repeat(1, 3, 1, 1), size=64, mode="bilinear", align_corners=True) for x in (a, b)]
-    with torch.no_grad():  # the official lpips_forward_wrapper(size=64)
-        torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), lpips_net(*up))
-
-def test_lpips_weights_are_assembled_from_the_published_files(tmp_path, monkeypatch):
-    g = torch.Generator().manual_seed(1)
-    state = {k: torch.rand(v.shape, generator=g) / 10 for k, v in sf.lpips_network().state_dict().items()}
-    state["lins.2.model.1.weight"] = state["lin2.model.1.weight"]  # the package's two names for one layer
-    vgg = {f"features.{k.split('.', 2)[2]}": v for k, v in state.items() if k.startswith("net.")}  # torchvision's
-    vgg["classifier.0.weight"] = torch.zeros(2, 2)  # vgg16-397923af.pth holds the classifier too
-    lin = {k: v for k, v in state.items() if re.fullmatch(r"lin\d\.model\.1\.weight", k)}  # LPIPS v0.1's vgg.pth
-    for name, part in (("vgg16-397923af.pth", vgg), ("vgg.pth", lin)):
-        torch.save(part, tmp_path / name)
-    monkeypatch.setattr(sf, "download", lambda url, *args: tmp_path / url.rsplit("/", 1)[1])
-    for k in [k for k in state if k.startswith("lins.")]:
-        state[k] = state[k.replace("lins.", "lin")]
-    state.update({k: v for k, v in sf.lpips_network().state_dict().items() if k.startswith("scaling_layer.")})
-    a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
-    up = [F.interpolate(x, size=64, mode="bilinear", align_corners=True) for x in (a, b)]
-    cfg = sf.settings_for({"dataset": "shapes", "data_dir": str(tmp_path), "device": "cpu"}, "distill")
-    with torch.no_grad():
-        torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), sf.lpips_network(state)(*up))
-
-def test_lpips_weights_offline_is_a_one_line_error(tmp_path, monkeypatch):
-    import urllib.request
-
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    cfg = sf.settings_for({"dataset": "shapes", "data_dir": str(tmp_path), "distance": "lpips"}, "distill")
-    with pytest.raises(sf.UsageError, match="put it at .*vgg16-397923af.pth, or pass --lpips-weights") as err:
-        sf.lpips_distance(cfg)
-    assert "\n" not in str(err.value)
-
-def test_distill_with_lpips_trains_from_given_weights(tmp_path):
-    argv = ["--dataset", "shapes", "--max-images", "32", "--teacher-model", "unet-micro", "--model", "unet-micro",
-            "--steps", "2", "--batch-size", "4", "--num-pairs", "8", "--pairs-batch", "8", "--rtol", "1e-2",
-            "--atol", "1e-2", "--preview-every", "0", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]
-    for stage in ("teacher", "pairs", "reflow"):
-        assert sf.main([*argv, "--stage", stage]) == 0
-    torch.save(sf.lpips_network().state_dict(), tmp_path / "lpips.pth")
-    assert sf.main([*argv, "--stage", "distill", "--distance", "lpips", "--lpips-weights", str(tmp_path / "lpips.pth")]) == 0
-    assert sf.read_checkpoint(tmp_path / "distill.pt")["step"] == 2
-
 def test_a_stage_without_its_input_names_the_command_that_makes_it(tmp_path, capsys):
     assert run(tmp_path, "--stage", "pairs") == 2
     assert_one_line_error(capsys, f"make it with: python slimflow.py --dataset 8gaussians --out {tmp_path} --stage teacher")
@@ -1368,6 +1295,13 @@ def test_finished_work_is_not_overwritten_without_asking(teacher_run, capsys):
     assert run(out, "--stage", "teacher") == 2
     assert_one_line_error(capsys, "pass --resume to continue it or --overwrite")
     assert (out / "teacher.pt").read_bytes() == before
+
+def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert sf.main(["--out", str(tmp_path / "file"), *TINY, "--stage", "teacher"]) == 2
+    out, err = capsys.readouterr()
+    assert "step" not in out and err.count("\n") == 1 and "--out" in err and str(tmp_path / "file") in err
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------- 13. Pairs in shards
@@ -1442,6 +1376,26 @@ def test_shards_of_another_run_are_refused_until_overwrite(tmp_path, capsys):
     assert_one_line_error(capsys, "holds shards solved with another dataset, shape, seed")
     assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64", "--overwrite") == 0
     assert torch.load(tmp_path / "pairs.pt", weights_only=True)["z1"].shape == (256, 2)
+
+def test_shards_of_another_pairs_batch_are_refused(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    monkeypatch.setattr(sf, "rk45_sample", never("solved"))
+    with pytest.raises(AssertionError):  # stopped at the first solve, after the recipe is written
+        run(tmp_path, "--stage", "pairs", "--pairs-batch", "64")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "128") == 2
+    assert_one_line_error(capsys, "holds shards solved with another pairs_batch;")
+
+def test_out_of_memory_in_pairs_names_the_flag_and_keeps_the_shards(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    out_of_memory_from_call(sf, "rk45_sample", 2, monkeypatch)  # the second shard
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 1
+    assert_one_line_error(capsys, f"[pairs] out of memory on cpu solving 64 pairs at once: lower --pairs-batch and "
+                                  f"pass --overwrite; the shards solved so far stay in {tmp_path / 'pairs.shards'}")
+    shard = sf.load_file(tmp_path / "pairs.shards" / "000000000-000000064.pt", "a pairs shard")
+    assert shard["z1"].shape == (64, 2) and not (tmp_path / "pairs.pt").exists()
 
 
 # ----------------------------------------------------------------------------- 14. Several processes
@@ -1555,8 +1509,86 @@ def test_two_processes_on_two_gpus_run_every_stage_with_nccl(tmp_path, capfd):
         assert ckpt["step"] == 20 and len(ckpt["rng"]["processes"]) == 2
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
+def test_out_of_memory_says_how_much_memory_the_gpu_has(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * 2**30))
+    assert sf.device_memory("cuda:0") == "cuda:0 (80.0 GiB)" and sf.device_memory("cpu") == "cpu"
 
-# ----------------------------------------------------------------------------- 15. Sampling and evaluation
+
+# ----------------------------------------------------------------------------- 15. Pretrained feature networks: FID's Inception and LPIPS
+
+def random_fid_weights():
+    """A state dict laid out exactly as the published file (no num_batches_tracked)."""
+    g = torch.Generator().manual_seed(0)
+    state = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in sf.fid_inception().state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    for k in state:  # plausible BatchNorm statistics keep activations finite
+        if k.endswith(("running_var", "bn.weight")):
+            state[k] = 0.75 + 0.5 * torch.rand(state[k].shape, generator=g)
+    return state
+
+@pytest.fixture(scope="module")
+def fid_net():
+    return sf.fid_inception(random_fid_weights())
+
+def test_fid_network_has_the_reference_layout():
+    entries, sha256, spelled_out = FID_LAYOUT
+    lines = sorted(layout_lines(sf.fid_inception().state_dict()))
+    assert len(lines) == entries and set(spelled_out) <= set(lines)
+    assert sha256_of_lines(lines) == sha256
+
+def test_fid_network_sees_299_by_299_rgb_images(fid_net):
+    seen = []
+    hook = fid_net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        fid_net(torch.zeros(2, 1, 32, 32))
+    hook.remove()
+    assert seen == [(2, 3, 299, 299)]
+
+@pytest.mark.parametrize("image, size, expected", [
+    ([[10., 30.], [50., 70.]], 4, [[10, 20, 30, 30], [30, 40, 50, 50], [50, 60, 70, 70], [50, 60, 70, 70]]),
+    ([[0., 100., 200.], [300., 400., 500.], [600., 700., 800.]], 2, [[0, 150], [450, 600]]),
+])
+def test_tf1_resize_samples_output_pixel_i_at_i_times_in_over_out(image, size, expected):
+    # worked out by hand: sources at 0, 0.5, 1, 1.5 (clamped) and at 0, 1.5. PyTorch's
+    # align_corners=False gives [[10, 15, 25, 30], ...] and [[100, 250], [550, 700]]
+    x = torch.tensor(image)[None, None]
+    assert torch.equal(sf.tf1_resize(x, size), torch.tensor(expected, dtype=torch.float32)[None, None])
+
+def test_fid_network_sees_8_bit_values_scaled_as_the_tensorflow_graph(fid_net):
+    seen = []
+    hook = fid_net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        fid_net(torch.tensor([-1.0, 1.0]).repeat(1, 3, 4, 1))  # two columns: 8-bit 0 and 255
+    hook.remove()
+    row = seen[0][0, 0, 0]  # output column i samples at 2i/299: a ramp to column 1, then 255 for i >= 150
+    assert row[0] == -1 and (row[1:150] > row[:149]).all() and torch.equal(row[150:].unique(), torch.tensor([127 / 128]))
+
+def test_fid_network_gives_2048_features_for_rgb_and_grey(fid_net):
+    with torch.no_grad():
+        rgb = fid_net(torch.rand(2, 3, 32, 32) * 2 - 1)
+        grey = torch.rand(2, 1, 28, 28) * 2 - 1
+        f_grey, f_repeated = fid_net(grey), fid_net(grey.repeat(1, 3, 1, 1))
+    assert rgb.shape == f_grey.shape == (2, 2048) and torch.isfinite(rgb).all() and rgb.std() > 0
+    torch.testing.assert_close(f_grey, f_repeated)
+
+def test_fid_network_pools_the_tensorflow_way(fid_net):
+    with torch.no_grad():  # the pool branch is the last slice of each block's output
+        x = torch.randn(1, 192, 9, 9)
+        torch.testing.assert_close(fid_net.Mixed_5b(x)[:, -32:],
+                                   fid_net.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+        x = torch.randn(1, 2048, 5, 5)
+        torch.testing.assert_close(fid_net.Mixed_7c(x)[:, -192:], fid_net.Mixed_7c.branch_pool(F.max_pool2d(x, 3, 1, 1)))
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: s.__setitem__("fc.weight", torch.zeros(1000, 2048)), "fc.weight"),
+    (lambda s: s.__setitem__("AuxLogits.fc.weight", torch.zeros(1008, 768)), "AuxLogits.fc.weight"),
+    (lambda s: s.pop("Mixed_7c.branch_pool.conv.weight"), "Mixed_7c.branch_pool.conv.weight"),
+])
+def test_fid_network_refuses_another_layout(change, match):
+    state = random_fid_weights()
+    change(state)
+    with pytest.raises(sf.UsageError, match=match):  # bad input: one line, exit status 2
+        sf.fid_inception(state)
 
 def fid_weights(folder):
     return sf.download(sf.FID_WEIGHTS_URL, folder, "the FID Inception weights", "--fid-weights")
@@ -1573,6 +1605,104 @@ def test_fid_weights_offline_is_a_clear_error_naming_the_path(tmp_path, monkeypa
     assert not any((tmp_path / "cache").iterdir())  # no partial file left behind
     (tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
     assert fid_weights(tmp_path / "cache").name == "pt_inception-2015-12-05-6726825d.pth"
+
+@pytest.fixture(scope="module")
+def lpips_net():
+    return sf.lpips_network()
+
+def test_lpips_has_the_layout_of_the_lpips_package(lpips_net):
+    shapes = {k: tuple(v.shape) for k, v in lpips_net.state_dict().items()}
+    convs = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256), (512, 256), (512, 512),
+             (512, 512), (512, 512), (512, 512), (512, 512)]  # VGG16's 13 convolutions, numbered as torchvision's
+    indices = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    slices = [1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+    expected = {"scaling_layer.shift": (1, 3, 1, 1), "scaling_layer.scale": (1, 3, 1, 1)}
+    for (c_out, c_in), i, k in zip(convs, indices, slices):
+        expected.update({f"net.slice{k}.{i}.weight": (c_out, c_in, 3, 3), f"net.slice{k}.{i}.bias": (c_out,)})
+    for k, c in enumerate((64, 128, 256, 512, 512)):
+        expected.update({f"lin{k}.model.1.weight": (1, c, 1, 1), f"lins.{k}.model.1.weight": (1, c, 1, 1)})
+    assert shapes == expected
+
+def test_lpips_is_zero_on_equal_images_and_symmetric(lpips_net):
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    with torch.no_grad():
+        assert torch.equal(lpips_net(a, a), torch.zeros(3))
+        d = lpips_net(a, b)
+        assert d.shape == (3,) and (d != 0).all() and torch.allclose(d, lpips_net(b, a), rtol=1e-6)
+
+def test_lpips_by_hand_on_plain_colours():
+    # convolutions that pass the 3 colour channels through (centre tap 1, biases 0), so every
+    # depth sees relu((x - shift)/scale) of the plain colour; the linear layers weigh channel 0
+    # by 1, 1 by 2 and 2 by 3: LPIPS = 5 depths · Σ_c w_c·(û_a - û_b)_c² with û the unit vector
+    net = sf.lpips_network()
+    state = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    for key in state:
+        if key.startswith("net.") and key.endswith("weight"):
+            for c in range(3):
+                state[key][c, c, 1, 1] = 1.0
+        if key.startswith("lin"):
+            state[key][0, :3] = torch.tensor([1.0, 2.0, 3.0])[:, None, None]
+    shift, scale = torch.tensor([-0.030, -0.088, -0.188]), torch.tensor([0.458, 0.448, 0.450])
+    state.update({"scaling_layer.shift": shift.view(1, 3, 1, 1), "scaling_layer.scale": scale.view(1, 3, 1, 1)})
+    net = sf.lpips_network(state)
+    a, b = torch.tensor([0.2, 0.5, -0.1]), torch.tensor([0.9, 0.1, 0.3])
+    unit = [((x - shift) / scale).clamp(min=0) / ((x - shift) / scale).clamp(min=0).norm() for x in (a, b)]
+    expected = 5 * (torch.tensor([1.0, 2.0, 3.0]) * (unit[0] - unit[1]).square()).sum()
+    with torch.no_grad():
+        d = net(a.view(1, 3, 1, 1).expand(2, 3, 16, 16), b.view(1, 3, 1, 1).expand(2, 3, 16, 16))
+    torch.testing.assert_close(d, expected.expand(2), rtol=1e-5, atol=0)
+
+def test_the_distillation_distance_is_lpips_at_64_by_64(tmp_path, lpips_net):
+    torch.save(lpips_net.state_dict(), tmp_path / "lpips.pth")
+    cfg = sf.settings_for({"dataset": "shapes", "lpips_weights": str(tmp_path / "lpips.pth"), "device": "cpu"}, "distill")
+    a, b = torch.rand(2, 1, 28, 28) * 2 - 1, torch.rand(2, 1, 28, 28) * 2 - 1  # grey: seen as RGB
+    up = [F.interpolate(x.repeat(1, 3, 1, 1), size=64, mode="bilinear", align_corners=True) for x in (a, b)]
+    with torch.no_grad():  # the official lpips_forward_wrapper(size=64)
+        torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), lpips_net(*up))
+
+def test_lpips_weights_are_assembled_from_the_published_files(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    state = {k: torch.rand(v.shape, generator=g) / 10 for k, v in sf.lpips_network().state_dict().items()}
+    state["lins.2.model.1.weight"] = state["lin2.model.1.weight"]  # the package's two names for one layer
+    vgg = {f"features.{k.split('.', 2)[2]}": v for k, v in state.items() if k.startswith("net.")}  # torchvision's
+    vgg["classifier.0.weight"] = torch.zeros(2, 2)  # vgg16-397923af.pth holds the classifier too
+    lin = {k: v for k, v in state.items() if re.fullmatch(r"lin\d\.model\.1\.weight", k)}  # LPIPS v0.1's vgg.pth
+    for name, part in (("vgg16-397923af.pth", vgg), ("vgg.pth", lin)):
+        torch.save(part, tmp_path / name)
+    monkeypatch.setattr(sf, "download", lambda url, *args: tmp_path / url.rsplit("/", 1)[1])
+    for k in [k for k in state if k.startswith("lins.")]:
+        state[k] = state[k.replace("lins.", "lin")]
+    state.update({k: v for k, v in sf.lpips_network().state_dict().items() if k.startswith("scaling_layer.")})
+    a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    up = [F.interpolate(x, size=64, mode="bilinear", align_corners=True) for x in (a, b)]
+    cfg = sf.settings_for({"dataset": "shapes", "data_dir": str(tmp_path), "device": "cpu"}, "distill")
+    with torch.no_grad():
+        torch.testing.assert_close(sf.lpips_distance(cfg)(a, b), sf.lpips_network(state)(*up))
+
+def test_lpips_weights_offline_is_a_one_line_error(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    cfg = sf.settings_for({"dataset": "shapes", "data_dir": str(tmp_path), "distance": "lpips"}, "distill")
+    with pytest.raises(sf.UsageError, match="put it at .*vgg16-397923af.pth, or pass --lpips-weights") as err:
+        sf.lpips_distance(cfg)
+    assert "\n" not in str(err.value)
+
+def test_distill_with_lpips_trains_from_given_weights(tmp_path):
+    argv = ["--dataset", "shapes", "--max-images", "32", "--teacher-model", "unet-micro", "--model", "unet-micro",
+            "--steps", "2", "--batch-size", "4", "--num-pairs", "8", "--pairs-batch", "8", "--rtol", "1e-2",
+            "--atol", "1e-2", "--preview-every", "0", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]
+    for stage in ("teacher", "pairs", "reflow"):
+        assert sf.main([*argv, "--stage", stage]) == 0
+    torch.save(sf.lpips_network().state_dict(), tmp_path / "lpips.pth")
+    assert sf.main([*argv, "--stage", "distill", "--distance", "lpips", "--lpips-weights", str(tmp_path / "lpips.pth")]) == 0
+    assert sf.read_checkpoint(tmp_path / "distill.pt")["step"] == 2
+
+
+# ----------------------------------------------------------------------------- 16. Sampling and evaluation
 
 @pytest.mark.parametrize("preset, conv_linear, total", [("slim-15.7m", 3.70e9, 3.90e9), ("slim-27.9m", 6.57e9, 6.89e9)])
 def test_macs_of_the_official_students(preset, conv_linear, total):
@@ -1652,8 +1782,72 @@ def test_fid_reads_given_training_set_statistics(tmp_path):
     with pytest.raises(sf.UsageError, match="holds no FID statistics"):
         sf.fid_metric(sf.parse_args([*argv, "--fid-stats", str(tmp_path / "bad.npz")]), extractor)
 
+def never(what):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} before the checks")
+    return fail
 
-# ----------------------------------------------------------------------------- 16. Bench
+def test_eval_checks_its_weights_and_statistics_before_sampling(tmp_path, capsys, monkeypatch):
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "teacher"]) == 0
+    monkeypatch.setattr(sf, "generate_all", never("sampled"))
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    capsys.readouterr()
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "eval", "--data-dir", str(tmp_path / "d")]) == 2
+    assert_one_line_error(capsys, "could not download the FID Inception weights")
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "eval", "--fid-weights",
+                    str(tmp_path / "garbage.pt")]) == 2
+    assert_one_line_error(capsys, f"{tmp_path / 'garbage.pt'} is corrupt or not a FID Inception weights file")
+    torch.save(sf.fid_inception().state_dict(), tmp_path / "fid.pt")
+    (tmp_path / "stats.npz").write_bytes(b"not an npz")
+    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "eval", "--fid-weights", str(tmp_path / "fid.pt"),
+                    "--fid-stats", str(tmp_path / "stats.npz")]) == 2
+    assert_one_line_error(capsys, "holds no FID statistics")
+
+def test_eval_reads_its_held_out_images_before_sampling(tmp_path, monkeypatch):
+    import torchvision
+    header = b"".join(n.to_bytes(4, "big") for n in (2051, 16, 28, 28))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + bytes(range(256)) * 49)  # no test set beside it
+    argv = ["--out", str(tmp_path), "--dataset", "fashion_mnist", "--data-dir", str(tmp_path), "--steps", "2",
+            "--batch-size", "4", "--teacher-model", "unet-micro", "--model", "unet-micro", "--preview-every", "0"]
+    assert sf.main([*argv, "--stage", "teacher"]) == 0
+    monkeypatch.setattr(sf, "generate_all", never("sampled"))
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", never("downloaded"))
+    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
+    with pytest.raises(sf.UsageError, match="could not load fashion_mnist"):  # the test set, offline
+        sf.stage_eval(sf.parse_args([*argv, "--stage", "eval", "--num-samples", "8"]), extractor=extractor)
+
+def test_all_checks_given_checkpoints_and_weights_before_training(tmp_path, capsys, monkeypatch):
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    assert run(tmp_path / "a", "--init-ckpt", str(tmp_path / "garbage.pt")) == 2
+    assert_one_line_error(capsys, "is corrupt or not a slimflow file")
+    assert not (tmp_path / "a" / "teacher.pt").exists()
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert sf.main(["--out", str(tmp_path / "b"), *SHAPES, "--distance", "lpips", "--data-dir", str(tmp_path)]) == 2
+    assert_one_line_error(capsys, "could not download the LPIPS weights")
+    assert not (tmp_path / "b" / "teacher.pt").exists()
+
+def test_sample_does_not_replace_samples_without_overwrite(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    assert run(tmp_path, "--stage", "sample", "--sampler", "euler") == 0
+    before = (tmp_path / "samples_teacher.npy").read_bytes()
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "sample", "--sampler", "one_step") == 2
+    assert_one_line_error(capsys, "samples_teacher.npy exists; pass --overwrite")
+    assert (tmp_path / "samples_teacher.npy").read_bytes() == before
+    assert run(tmp_path, "--stage", "sample", "--sampler", "rk45", "--overwrite") == 0
+    assert (tmp_path / "samples_teacher.npy").read_bytes() != before
+
+def test_out_of_memory_in_sampling_names_the_flag(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    out_of_memory_from_call(sf.MLP, "forward", 1, monkeypatch)
+    capsys.readouterr()
+    assert run(tmp_path, "--stage", "sample") == 1
+    assert_one_line_error(capsys, "out of memory on cpu: lower --pairs-batch")
+    assert not list(tmp_path.glob("samples_*"))
+
+
+# ----------------------------------------------------------------------------- 17. Bench
 
 def synchronisations(out, steps):
     """How many times train() makes the host wait for the GPU, in CUDA's sync-debug mode."""
@@ -1693,7 +1887,7 @@ def test_bench_compares_student_and_teacher(tmp_path, capsys):
     assert "matmul ceiling fp32" in out and "one-step sampling of unet-micro / RK45 sampling of unet-tiny" in out
 
 
-# ----------------------------------------------------------------------------- 17. Settings and the command line
+# ----------------------------------------------------------------------------- 18. Settings and the command line
 
 @pytest.mark.parametrize("argv, pattern", [
     (["--dataset", "nope"], "invalid choice: 'nope'"),
@@ -1742,22 +1936,6 @@ def test_cifar10_defaults_are_the_official_recipe():
         assert sf.settings_for({"dataset": dataset}, "distill").distance == "l2"
     assert sf.settings_for({"dataset": "cifar10", "flip": True, "lr_warmup": 7}, "distill").flip is True
 
-
-# ----------------------------------------------------------------------------- bad input and faults (issue 13)
-# Every bad input is one line on stderr with exit status 2, found before any training or sampling;
-# a fault leaves finished work as it was.
-
-SHAPES = ["--dataset", "shapes", "--max-images", "16", "--steps", "2", "--batch-size", "4", "--num-pairs", "8",
-          "--pairs-batch", "4", "--num-samples", "8", "--preview-every", "0", "--teacher-model", "unet-micro",
-          "--model", "unet-micro"]
-
-def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
-    (tmp_path / "file").write_text("mine")
-    assert sf.main(["--out", str(tmp_path / "file"), *TINY, "--stage", "teacher"]) == 2
-    out, err = capsys.readouterr()
-    assert "step" not in out and err.count("\n") == 1 and "--out" in err and str(tmp_path / "file") in err
-    assert (tmp_path / "file").read_text() == "mine"
-
 def test_a_second_run_on_a_run_directory_in_use_is_refused_naming_the_first(tmp_path, capsys):
     import fcntl
     tmp_path.mkdir(exist_ok=True)
@@ -1770,187 +1948,6 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused_naming_the_first(tmp_
         assert not (tmp_path / "teacher.pt").exists()
     assert run(tmp_path, "--stage", "teacher") == 0  # the lock goes with the run that held it
     assert run(tmp_path, "--stage", "pairs") == 0  # and this run's lock with this run
-
-def never(what):
-    def fail(*args, **kwargs):
-        raise AssertionError(f"{what} before the checks")
-    return fail
-
-def test_eval_checks_its_weights_and_statistics_before_sampling(tmp_path, capsys, monkeypatch):
-    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "teacher"]) == 0
-    monkeypatch.setattr(sf, "generate_all", never("sampled"))
-    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    capsys.readouterr()
-    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "eval", "--data-dir", str(tmp_path / "d")]) == 2
-    assert_one_line_error(capsys, "could not download the FID Inception weights")
-    (tmp_path / "garbage.pt").write_bytes(b"garbage")
-    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "eval", "--fid-weights",
-                    str(tmp_path / "garbage.pt")]) == 2
-    assert_one_line_error(capsys, f"{tmp_path / 'garbage.pt'} is corrupt or not a FID Inception weights file")
-    torch.save(sf.fid_inception().state_dict(), tmp_path / "fid.pt")
-    (tmp_path / "stats.npz").write_bytes(b"not an npz")
-    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "eval", "--fid-weights", str(tmp_path / "fid.pt"),
-                    "--fid-stats", str(tmp_path / "stats.npz")]) == 2
-    assert_one_line_error(capsys, "holds no FID statistics")
-
-def test_eval_reads_its_held_out_images_before_sampling(tmp_path, monkeypatch):
-    import torchvision
-    header = b"".join(n.to_bytes(4, "big") for n in (2051, 16, 28, 28))
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + bytes(range(256)) * 49)  # no test set beside it
-    argv = ["--out", str(tmp_path), "--dataset", "fashion_mnist", "--data-dir", str(tmp_path), "--steps", "2",
-            "--batch-size", "4", "--teacher-model", "unet-micro", "--model", "unet-micro", "--preview-every", "0"]
-    assert sf.main([*argv, "--stage", "teacher"]) == 0
-    monkeypatch.setattr(sf, "generate_all", never("sampled"))
-    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", never("downloaded"))
-    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
-    with pytest.raises(sf.UsageError, match="could not load fashion_mnist"):  # the test set, offline
-        sf.stage_eval(sf.parse_args([*argv, "--stage", "eval", "--num-samples", "8"]), extractor=extractor)
-
-def test_all_checks_given_checkpoints_and_weights_before_training(tmp_path, capsys, monkeypatch):
-    (tmp_path / "garbage.pt").write_bytes(b"garbage")
-    assert run(tmp_path / "a", "--init-ckpt", str(tmp_path / "garbage.pt")) == 2
-    assert_one_line_error(capsys, "is corrupt or not a slimflow file")
-    assert not (tmp_path / "a" / "teacher.pt").exists()
-    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    assert sf.main(["--out", str(tmp_path / "b"), *SHAPES, "--distance", "lpips", "--data-dir", str(tmp_path)]) == 2
-    assert_one_line_error(capsys, "could not download the LPIPS weights")
-    assert not (tmp_path / "b" / "teacher.pt").exists()
-
-def test_a_checkpoint_of_another_image_size_is_refused(tmp_path, capsys):
-    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "teacher"]) == 0
-    capsys.readouterr()
-    assert sf.main(["--out", str(tmp_path), *SHAPES, "--stage", "pairs", "--image-size", "16"]) == 2
-    assert_one_line_error(capsys, "holds data of shape (3, 32, 32), not (3, 16, 16)")
-
-def test_unreadable_data_files_are_one_line_errors(tmp_path, capsys):
-    from PIL import Image
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
-    (folder / "b.png").write_text("not an image")
-    with pytest.raises(sf.UsageError, match=f"{folder / 'b.png'} is not a readable image"):
-        sf.image_dataset("folder", folder)
-    header = b"".join(n.to_bytes(4, "big") for n in (2051, 10, 28, 28))
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + bytes(28 * 28 * 3))
-    with pytest.raises(sf.UsageError, match="is truncated: 3 of its 10 images"):
-        sf.read_idx_images(tmp_path / "train-images-idx3-ubyte")
-
-def test_corrupt_json_files_are_one_line_errors(tmp_path, capsys):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    (tmp_path / "metrics.json").write_text("{corrupt")
-    capsys.readouterr()
-    assert run(tmp_path, "--stage", "eval", "--from", "teacher") == 2
-    assert_one_line_error(capsys, f"{tmp_path / 'metrics.json'} is corrupt")
-    (tmp_path / "metrics.json").unlink()
-    (tmp_path / "pairs.shards").mkdir()
-    (tmp_path / "pairs.shards" / "recipe.json").write_text("{corrupt")
-    assert run(tmp_path, "--stage", "pairs") == 2
-    assert_one_line_error(capsys, f"{tmp_path / 'pairs.shards' / 'recipe.json'} is corrupt")
-
-def test_json_files_are_written_atomically(tmp_path, monkeypatch):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    assert run(tmp_path, "--stage", "eval", "--from", "teacher") == 0
-    before = (tmp_path / "metrics.json").read_bytes()
-    monkeypatch.setattr(os, "replace", never("replaced"))
-    with pytest.raises(AssertionError):
-        run(tmp_path, "--stage", "eval", "--from", "teacher", "--sampler", "euler")
-    assert (tmp_path / "metrics.json").read_bytes() == before
-
-def test_ctrl_c_names_the_checkpoint_to_resume_and_exits_130(tmp_path, capsys, monkeypatch):
-    loss = sf.RectifiedFlowLoss.__call__
-
-    def interrupted_at_15(self, net, x, step):
-        if step == 15:
-            raise KeyboardInterrupt
-        return loss(self, net, x, step)
-    monkeypatch.setattr(sf.RectifiedFlowLoss, "__call__", interrupted_at_15)
-    assert run(tmp_path, "--stage", "teacher") == 130
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{tmp_path / 'teacher.pt'} (step 10)" in err and "--resume" in err
-    assert torch.load(tmp_path / "teacher.pt", weights_only=True)["step"] == 10
-
-def test_a_checkpoint_is_written_only_when_the_ema_is_finite_too(tmp_path):
-    with pytest.raises(sf.TrainingError, match="the weights or their EMA are not finite at step 5"):
-        sf.train(sf.MLP(hidden=16, depth=1), sf.RectifiedFlowLoss(), sf.TrainingData(torch.randn(100, 2)), 10,
-                 8, 1e-3, ema_decay=float("nan"), checkpoint=tmp_path / "t.pt", ckpt_every=5)
-    assert not (tmp_path / "t.pt").exists()
-
-def test_sample_does_not_replace_samples_without_overwrite(tmp_path, capsys):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    assert run(tmp_path, "--stage", "sample", "--sampler", "euler") == 0
-    before = (tmp_path / "samples_teacher.npy").read_bytes()
-    capsys.readouterr()
-    assert run(tmp_path, "--stage", "sample", "--sampler", "one_step") == 2
-    assert_one_line_error(capsys, "samples_teacher.npy exists; pass --overwrite")
-    assert (tmp_path / "samples_teacher.npy").read_bytes() == before
-    assert run(tmp_path, "--stage", "sample", "--sampler", "rk45", "--overwrite") == 0
-    assert (tmp_path / "samples_teacher.npy").read_bytes() != before
-
-def test_shards_of_another_pairs_batch_are_refused(tmp_path, capsys, monkeypatch):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    monkeypatch.setattr(sf, "rk45_sample", never("solved"))
-    with pytest.raises(AssertionError):  # stopped at the first solve, after the recipe is written
-        run(tmp_path, "--stage", "pairs", "--pairs-batch", "64")
-    monkeypatch.undo()
-    capsys.readouterr()
-    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "128") == 2
-    assert_one_line_error(capsys, "holds shards solved with another pairs_batch;")
-
-def test_a_full_disk_under_torch_save_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
-    def writer_fails(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills
-        Path(f).write_bytes(b"part")
-        raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 5056 vs 4950\nmore")
-    monkeypatch.setattr(torch, "save", writer_fails)
-    assert run(tmp_path, "--stage", "teacher") == 1
-    assert_one_line_error(capsys, f"could not write {tmp_path / 'teacher.pt'} ([enforce fail")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
-
-def out_of_memory_from_call(owner, name, n, monkeypatch):
-    """owner.name raises CUDA's out-of-memory error from its n-th call on, as a batch too large for a GPU does."""
-    original, calls = getattr(owner, name), []
-
-    def crowded(*args, **kwargs):
-        calls.append(1)
-        if len(calls) >= n:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(*args, **kwargs)
-    monkeypatch.setattr(owner, name, crowded)
-
-def test_out_of_memory_in_training_names_the_flag_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
-    assert run(tmp_path, "--stage", "teacher", "--steps", "10") == 0
-    before = (tmp_path / "teacher.pt").read_bytes()
-    out_of_memory_from_call(sf.MLP, "forward", 3, monkeypatch)  # the third step of the resumed run
-    capsys.readouterr()
-    assert run(tmp_path, "--stage", "teacher", "--resume", "--ckpt-every", "100") == 1
-    assert_one_line_error(capsys, f"[teacher] out of memory on cpu at step 12: lower --batch-size. Last good "
-                                  f"checkpoint: {tmp_path / 'teacher.pt'} (step 10); --resume continues it")
-    assert (tmp_path / "teacher.pt").read_bytes() == before
-
-def test_out_of_memory_in_pairs_names_the_flag_and_keeps_the_shards(tmp_path, capsys, monkeypatch):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    out_of_memory_from_call(sf, "rk45_sample", 2, monkeypatch)  # the second shard
-    capsys.readouterr()
-    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 1
-    assert_one_line_error(capsys, f"[pairs] out of memory on cpu solving 64 pairs at once: lower --pairs-batch and "
-                                  f"pass --overwrite; the shards solved so far stay in {tmp_path / 'pairs.shards'}")
-    shard = sf.load_file(tmp_path / "pairs.shards" / "000000000-000000064.pt", "a pairs shard")
-    assert shard["z1"].shape == (64, 2) and not (tmp_path / "pairs.pt").exists()
-
-def test_out_of_memory_in_sampling_names_the_flag(tmp_path, capsys, monkeypatch):
-    assert run(tmp_path, "--stage", "teacher") == 0
-    out_of_memory_from_call(sf.MLP, "forward", 1, monkeypatch)
-    capsys.readouterr()
-    assert run(tmp_path, "--stage", "sample") == 1
-    assert_one_line_error(capsys, "out of memory on cpu: lower --pairs-batch")
-    assert not list(tmp_path.glob("samples_*"))
-
-def test_out_of_memory_says_how_much_memory_the_gpu_has(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * 2**30))
-    assert sf.device_memory("cuda:0") == "cuda:0 (80.0 GiB)" and sf.device_memory("cpu") == "cpu"
-
-def test_rk45_returns_its_end_point_without_the_trajectory():
-    x, _ = sf.rk45_sample(lambda x, t: -x, torch.randn(4, 2))
-    assert x.untyped_storage().nbytes() == x.nbytes  # what a shard saves: the end, not the whole path
 
 
 # ----------------------------------------------------------------------------- the notebook
