@@ -638,6 +638,17 @@ def test_two_training_steps_by_value(tmp_path, ema_decay):
     unclipped = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=np.inf)[1]
     assert np.abs(unclipped - w2).min() > 1e-3  # clipping shows in the second step
 
+def test_the_fused_adamw_of_a_gpu_takes_the_reference_steps_on_the_cpu():
+    gradients = [[3.0, 4.0], [0.3, -0.4]]  # as above: the first clipped to norm 1, lr 0.1 warmed up over 4 steps
+    objective = lambda net, batch, step: ((net.w * torch.tensor(gradients[step])).sum(), {})  # noqa: E731
+    net = Weights()
+    opt = sf.adamw(net, 0.1, 0.0, "cuda")  # what a GPU gets, over CPU tensors: PyTorch's fused AdamW runs on both
+    assert opt.defaults["fused"] is True and not sf.adamw(net, 0.1, 0.0, "cpu").defaults["fused"]
+    for step in range(2):
+        sf.training_step(net, objective, None, step, net, Weights(), opt, 0.1, 4, 1.0, 0.999, "cpu", "fp32")
+    w2 = adam_reference([1.0, -2.0], gradients, [0.025, 0.05], clip=1.0)[1]
+    np.testing.assert_allclose(net.w.detach().numpy(), w2, rtol=0, atol=1e-6)
+
 def nan_at(bad_step, rank=None):
     """The rectified-flow loss, made NaN at one step: in every process, or in process `rank`."""
     def poisoned(net, x1, step):
@@ -707,7 +718,8 @@ def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(teacher_
     assert run(out, "--stage", "teacher", "--resume", "--steps", "30") == 1
     assert_one_line_error(capsys, "No space left on device")
     assert (out / "teacher.pt").read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "teacher.pt"]  # no partial file left
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "history_teacher.jsonl", "history_teacher.png",
+                                                     "teacher.pt"]  # no partial file left
 
 def test_ctrl_c_names_the_checkpoint_to_resume_and_exits_130(tmp_path, capsys, monkeypatch):
     loss = sf.RectifiedFlowLoss.__call__
@@ -1304,6 +1316,71 @@ def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_progress_gives_the_recent_rate_and_the_time_left_on_a_fake_clock():
+    now = [100.0]
+    progress = sf.Progress(1000, window=2, clock=lambda: now[0])
+    now[0] = 110.0
+    assert progress.update(100) == (10.0, 90.0)  # 100 in 10 s: 900 left at 10/s
+    now[0], now[0] = 115.0, 115.0
+    assert progress.update(200) == pytest.approx((200 / 15, 800 / (200 / 15)))
+    now[0] = 116.0  # the last two updates: 200 in 6 s, not 300 in 16 s since the start
+    assert progress.update(300) == pytest.approx((200 / 6, 700 / (200 / 6)))
+    assert progress.elapsed() == 16.0
+    assert [sf.duration(x) for x in (21.0, 125.0, 3725.0, math.inf)] == ["21.0s", "2m05s", "1h02m", "?"]
+
+def test_progress_lines_say_the_time_left_and_the_last_line_the_wall_time(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "teacher") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\[teacher\] step 10/20  loss \d+\.\d{4}  \d+\.\d it/s  [\dhms.]+ left$", out, re.M), out
+    assert re.search(r"^\[teacher\] step 20/20 .* 0\.0s left$", out, re.M), out
+    assert re.search(r"^\[teacher\] 20 steps in [\dhms.]+$", out.splitlines()[-1]), out
+    assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "128") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\[pairs\] shard 000000000-000000128  NFE \d+  1/2 shards in [\dhms.]+, [\dhms.]+ left$", out, re.M)
+    assert re.search(r"^\[pairs\] wrote 256 pairs to .* in [\dhms.]+$", out, re.M), out
+    assert run(tmp_path, "--stage", "sample", "--pairs-batch", "200", "--sampler", "euler", "--nfe", "2") == 0
+    out = capsys.readouterr().out
+    assert "\r[sample] 200/500 samples" in out and "\r[sample] 500/500 samples" in out and " left " in out
+    assert re.search(r"^\[sample\] 500 samples in [\dhms.]+$", out, re.M), out
+
+def history_of(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+def test_the_history_of_a_resumed_run_is_that_of_an_uninterrupted_one(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    every = ["--log-every", "2", "--ckpt-every", "4"]
+    assert run(straight, "--stage", "teacher", *every) == 0
+    assert run(split, "--stage", "teacher", *every, "--steps", "10") == 0  # saved at 4, 8 and 10
+    assert [r["step"] for r in history_of(split / "history_teacher.jsonl")] == [2, 4, 6, 8, 10]
+    assert run(split, "--stage", "teacher", *every, "--resume") == 0
+    a, b = history_of(straight / "history_teacher.jsonl"), history_of(split / "history_teacher.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(2, 21, 2))  # none twice, none missing
+    assert [(r["loss"], r["lr"]) for r in a] == [(r["loss"], r["lr"]) for r in b]  # resumed bit for bit
+    assert a[0]["lr"] == pytest.approx(1e-3 * 2 / 100) and all(r["it/s"] > 0 for r in a)  # the 2nd step's warm-up
+    assert (split / "history_teacher.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+def test_the_history_keeps_what_a_resumed_run_redoes_once(tmp_path):
+    history = sf.History(tmp_path, "reflow")
+    for step in (2, 4, 6):
+        history.add(step, {"loss": 1.0 / step})
+    history.add(4, {"straightness": 0.5})  # a preview's value joins the step's line
+    history.save()
+    again = sf.History(tmp_path, "reflow")
+    again.start(4)  # resumed from the checkpoint of step 4: step 6 is done again
+    again.add(6, {"loss": 0.1})
+    again.save()
+    assert history_of(tmp_path / "history_reflow.jsonl") == [
+        {"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25, "straightness": 0.5}, {"step": 6, "loss": 0.1}]
+
+def test_reflow_records_its_straightness_at_each_preview(tmp_path):
+    for stage in ("teacher", "pairs"):
+        assert run(tmp_path, "--stage", stage) == 0
+    assert run(tmp_path, "--stage", "reflow", "--preview-every", "10") == 0
+    rows = {r["step"]: r for r in history_of(tmp_path / "history_reflow.jsonl")}
+    assert rows[10]["straightness"] > 0 and rows[20]["straightness"] > 0 and "beta" in rows[20]
+    assert (tmp_path / "previews" / "reflow_0000010.png").exists()
+
+
 # ----------------------------------------------------------------------------- 13. Pairs in shards
 
 def test_image_pairs_are_float16_and_exact_for_their_rounded_noise(tmp_path):
@@ -1480,7 +1557,8 @@ def test_two_processes_run_every_stage_and_write_once(tmp_path, capfd):
     out = capfd.readouterr().out
     assert out.count("[teacher] step 20/20") == 1 and out.count("SlimFlow one-step generator") == 1
     assert "x 2 processes" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "distill.pt", "pairs.pt", "reflow.pt",
+    histories = [f"history_{stage}.{kind}" for stage in ("distill", "reflow", "teacher") for kind in ("jsonl", "png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "distill.pt", *histories, "pairs.pt", "reflow.pt",
                                                          "results.json", "teacher.pt", "trajectories.png"]
     two_processes(tmp_path, "--stage", "traflow")  # forward-mode AD through DistributedDataParallel
     assert sf.read_checkpoint(tmp_path / "traflow.pt")["step"] == 20
@@ -1746,6 +1824,20 @@ def test_eval_on_shapes_with_an_injected_feature_extractor(tmp_path):
     assert len(list((tmp_path / "data").glob("fid_stats_shapes_train_32px_48_*.npz"))) == 1  # cached
     assert sf.stage_eval(args, extractor=extractor)["fid"] == pytest.approx(row["fid"], rel=1e-9)
 
+def test_eval_without_fid_needs_no_weights_and_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sf, "download", never("a download"))
+    argv = [*SHAPES, "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]
+    assert sf.main([*argv, "--stage", "teacher"]) == 0
+    capsys.readouterr()
+    assert sf.main([*argv, "--stage", "eval", "--no-fid", "--sampler", "euler", "--nfe", "2"]) == 0
+    out = capsys.readouterr().out
+    row = json.loads((tmp_path / "metrics.json").read_text())["teacher (euler) nfe=2"]
+    assert row["fid"] is None and "--no-fid" in row["fid_not_computed"] and row["swd"] > 0 and row["macs"] > 0
+    assert row["straightness"] > 0 and row["samples_per_s"] > 0
+    line = next(line for line in out.splitlines() if line.startswith("teacher (euler)"))
+    assert line.split()[4] == "-" and float(line.split()[5]) == pytest.approx(row["swd"], abs=0.05)
+    assert "FID not computed (--no-fid" in out and not list((tmp_path / "data").glob("fid*"))
+
 def test_fid_sees_samples_as_8_bit_images_like_the_training_set(tmp_path):
     args = sf.parse_args(["--dataset", "shapes", "--max-images", "48", "--out", str(tmp_path), "--data-dir",
                           str(tmp_path / "data"), "--stage", "eval", "--pairs-batch", "16"])
@@ -1864,6 +1956,24 @@ def synchronisations(out, steps):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_training_steps_do_not_wait_for_the_gpu(tmp_path):  # only logs, checkpoints and previews do
     assert 0 < synchronisations(tmp_path / "a", 3) == synchronisations(tmp_path / "b", 9)  # one log and save each
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor on a CPU needs a C++ compiler")
+def test_compiled_training_gives_eager_losses_from_one_graph(tmp_path):
+    # --compile on the CPU (inductor, about 40 s cold on 2 cores): 20 steps of a tiny U-Net give eager's losses to
+    # 1e-5, from one graph (no recompilation after the first step) with no graph break
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = sf.UNet(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=8)
+        history = sf.History(tmp_path / str(compiled), "teacher")
+        sf.train(net, sf.RectifiedFlowLoss(), sf.TrainingData(sf.shapes_images(64, 8)), 20, 4, 1e-3,
+                 compile=compiled, log_every=1, ckpt_every=10**9, history=history)
+        losses[compiled] = [history.rows[step]["loss"] for step in range(1, 21)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5) and len(set(losses[True])) == 20
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 def test_precision_defaults_to_fp32_without_a_bf16_gpu():
     assert sf.resolve_precision(None, "cpu") == "fp32" and sf.resolve_precision("bf16", "cpu") == "bf16"
