@@ -570,6 +570,8 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
                                        opt, lr, lr_warmup, grad_clip, ema_decay, device, precision)
             bad_step = torch.where(torch.isfinite(loss.detach()), bad_step, bad_step.clamp(max=step))
             step += 1
+            if compile and step == first_step + 1:  # torch.compile compiles in the first step, on the host
+                print(f"[{meta['stage']}] first step, compilation included: {duration(progress.elapsed())}", flush=True)
             log, save = step % log_every == 0 or step == steps, step % ckpt_every == 0 or step == steps
             show = preview is not None and preview_every and step % preview_every == 0
             if (log or save or show) and first_bad_step(bad_step) < steps:  # so a NaN never reaches a checkpoint
@@ -945,7 +947,6 @@ def load_checkpoint(path, model, ckpt=None, weights="ema"):
 
 STAGE_FILES = ("teacher", "pairs", "reflow", "distill", "traflow")  # each writes <out>/<stage>.pt
 FLOW_STAGES = ("teacher", "reflow", "distill")
-SAMPLE_SOURCES = FLOW_STAGES + ("traflow",)
 
 def out_path(cfg, stage):
     return Path(cfg.out) / f"{stage}.pt"
@@ -1062,7 +1063,8 @@ class History:
             if min(values) > 0 and max(values) > 10 * min(values):  # a loss that spans decades
                 ax.set_yscale("log")
             ax.set(title=key, xlabel="step")
-        save_atomic(lambda f: fig.savefig(f, format="png", dpi=80, bbox_inches="tight"), self.path.with_suffix(".png"))
+        fig.subplots_adjust(left=0.25 / len(curves), right=1 - 0.05 / len(curves), bottom=0.18, wspace=0.4)
+        save_atomic(lambda f: fig.savefig(f, format="png", dpi=80), self.path.with_suffix(".png"))
 
 def train_stage(cfg, stage, net, objective, data, preview, model_name=None, ema=None, track=None):
     """train() in cfg's settings, checkpointed to --out, with previews of preview(ema, z) and the values of
@@ -1223,7 +1225,8 @@ def adamw(net, lr, weight_decay, device):
 def to_device(net, device, channels_last=False):
     """net on device, its U-Nets in the channels_last memory layout if asked. NCHW is the default: GroupNorm on
     CUDA returns NCHW (PyTorch issue 111824), so channels_last pays layout copies around every normalised
-    convolution; it measured no faster on an H200, and TraFlow's forward-mode derivative fails through it there."""
+    convolution; it measured no faster on an H200; and forward-mode AD through GroupNorm in channels_last, which
+    TraFlow's velocity term needs, fails in PyTorch 2.11."""
     net = net.to(device)
     if channels_last and any(isinstance(m, UNet) for m in net.modules()):
         net = net.to(memory_format=torch.channels_last)
@@ -1366,13 +1369,23 @@ def lpips_distance(cfg):
 # Samples come from fixed noise, so every stage and sampler sees the same Z0. `eval` prints one
 # row of the paper's table; the default toy run prints one per model of the pipeline.
 
+def sample_flow(net, z, cfg, sampler):  # a flow v(x, t), solved by --sampler
+    return sample_with(net, z, sampler, cfg.nfe, cfg.rtol, cfg.atol)
+
+# What differs between the networks that the stages write, in one table: how each samples noise z, returning
+# (samples, NFE); its sampler's name in a table row; the inputs of one call (for its MACs), from z and a time t.
+STAGE_NETWORKS = {
+    "teacher": (sample_flow, lambda nfe, sampler: sampler, lambda z, t: (z, t)),
+    "reflow": (sample_flow, lambda nfe, sampler: sampler, lambda z, t: (z, t)),
+    "distill": (lambda net, z, cfg, sampler: (net(z), 1), lambda nfe, sampler: "generator", lambda z, t: (z,)),
+    "traflow": (lambda net, z, cfg, sampler: traflow_sample(net, z, cfg.nfe),
+                lambda nfe, sampler: f"{nfe} jump" + "s" * (nfe > 1), lambda z, t: (z, t, t)),
+}
+
 def generate(net, stage, z, cfg, sampler=None):
-    """Samples and NFE from a stage's frozen network: the generator is one call, TraFlow --nfe jumps."""
-    if stage == "distill":
-        return net(z), 1
-    if stage == "traflow":
-        return traflow_sample(net, z, cfg.nfe)
-    return sample_with(net, z, sampler or cfg.sampler, cfg.nfe, cfg.rtol, cfg.atol)
+    """Samples and NFE from a stage's frozen network: a flow by --sampler, the generator in one call, TraFlow in
+    --nfe jumps."""
+    return STAGE_NETWORKS[stage][0](net, z, cfg, sampler or cfg.sampler)
 
 def generate_all(net, stage, cfg, sampler=None):
     """cfg.num_samples samples from seeded noise, in batches of --pairs-batch, with a progress line where there are
@@ -1394,7 +1407,7 @@ def pick_stage(cfg):
     return cfg.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(cfg, s).exists()), "teacher")
 
 def sampler_name(stage, nfe, sampler):
-    return {"distill": "generator", "traflow": f"{nfe} jump" + "s" * (nfe > 1)}.get(stage, sampler)
+    return STAGE_NETWORKS[stage][1](nfe, sampler)
 
 def stage_sample(cfg):
     stage, tic = pick_stage(cfg), time.monotonic()
@@ -1511,7 +1524,7 @@ def evaluate(cfg, stage, net, sampler, method=None, fid=None):
         row["swd"], row["fid"] = laplacian_swd(x, reference), None if fid is None else fid(x)
     z = fixed_noise(cfg, min(cfg.num_samples, cfg.pairs_batch), "eval").to(cfg.device)
     t = torch.full((1,), 0.5, device=cfg.device)
-    macs = count_macs(net, *{"distill": (z[:1],), "traflow": (z[:1], t, t)}.get(stage, (z[:1], t)))  # per call
+    macs = count_macs(net, *STAGE_NETWORKS[stage][2](z[:1], t))  # per call
     row["macs"] = macs["conv"] + macs["linear"]  # as the paper counts them: attention left out
     row["macs_with_attention"], row["flops"] = macs["total"], 2 * row["macs"]
     if stage in ("teacher", "reflow"):
@@ -1695,7 +1708,7 @@ def settings_for(given, stage=None):
         raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
     if merged["channels_last"] and stage == "traflow":
         raise UsageError("--channels-last: TraFlow's forward-mode derivative fails through GroupNorm in that layout "
-                         "on CUDA; run traflow without it")
+                         "in some PyTorch releases (2.11); run traflow without it")
     if merged["resume"] and merged["overwrite"]:
         raise UsageError("--resume continues a stage and --overwrite starts it over: pass one of them")
     for flag in ("teacher-model", "model"):  # a preset of the data's kind, which can halve the image evenly
@@ -1766,7 +1779,7 @@ def parse_args(argv=None):
         ("--traflow-midpoint", TRAFLOW_MIDPOINTS, "default student"),
         ("--traflow-target", ("stopgrad", "ema"), "default stopgrad"), ("--sampler", SAMPLERS, "default rk45"),
         ("--nfe", count, "euler: N steps; heun: (N+1)//2 steps, NFE 2·steps - 1; traflow: N jumps"),
-        ("--from", dict(dest="sample_from", choices=SAMPLE_SOURCES), "stage to sample or evaluate (default: latest)"),
+        ("--from", dict(dest="sample_from", choices=tuple(STAGE_NETWORKS)), "stage to sample or evaluate (default: latest)"),
         ("--num-samples", count, "samples to draw (eval on images: 50,000)"),
         ("--no-fid", switch, "eval on images without FID, so without its Inception weights (offline); the rest "
                              "of the row as ever"),
