@@ -545,9 +545,9 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
           resume=False, log_every=100, ckpt_every=1000, preview=None, preview_every=0, ema=None, history=None):
     """Minimise objective(model, batch, step) for `steps` steps, batch = data.sample(batch_size) (this process's share
     of the global batch); return the EMA of net, kept in `ema` if given (a copy of net on its device, which the
-    objective reads too) or in a copy of its own. A `checkpoint` path saves the run every ckpt_every steps, with meta (stage, dataset,
-    model_name, data_shape); resume=True continues it. preview(ema, step): every preview_every steps. history: a
-    History that keeps every logged value, saved with each checkpoint."""
+    objective reads too) or in a copy of its own. A `checkpoint` path saves the run every ckpt_every steps, with
+    meta (stage, dataset, model_name, data_shape); resume=True continues it. preview(ema, step): every preview_every
+    steps. history: a History that keeps every logged value, saved with each checkpoint."""
     settings = dict(steps=steps, batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, weight_decay=weight_decay,
                     grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, precision=precision, compile=compile)
     meta, (rank, processes) = meta or {"stage": "train"}, world()
@@ -584,8 +584,6 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
                       + f"  {rate:.1f} it/s  {duration(left)} left", flush=True)
                 if history is not None:
                     history.add(step, {**values, "lr": opt.param_groups[0]["lr"], "it/s": rate})
-            if show and rank == 0:
-                preview(ema, step)
             if save:
                 if not all(torch.isfinite(p).all() for p in [*net.parameters(), *ema.parameters()]):
                     raise TrainingError(f"[{meta['stage']}] the weights or their EMA are not finite at step {step}. "
@@ -594,8 +592,10 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
                     save_training(checkpoint, {**meta, "step": step, "model": net.state_dict(), "ema": ema.state_dict(),
                                                "optimizer": opt.state_dict(), "training": settings}, data)
                     saved = step
-                if history is not None and rank == 0:
-                    history.save()
+            if show and rank == 0:  # after the checkpoint, which a failed preview must not cost
+                preview(ema, step)
+            if save and history is not None and rank == 0:  # after the preview, whose values it keeps
+                history.save()
     except (KeyboardInterrupt, torch.OutOfMemoryError) as err:  # Ctrl-C, or a batch too large for the device
         kept = last_good(checkpoint, saved) + ("; --resume continues it" if saved is not None else "")
         if isinstance(err, KeyboardInterrupt):
@@ -627,7 +627,7 @@ def stage_pairs(cfg):
 
 def stage_reflow(cfg):
     """Annealing Reflow: a small 2-rectified flow v2, from random weights, on the pairs; at each preview, its
-    straightness on 32 draws of the preview noise in 20 Euler steps, for the history (cheap: 640 calls)."""
+    straightness on 32 draws of the preview noise in 20 Euler steps, for the history (20 calls on a batch of 32)."""
     print(f"[reflow] Annealing Reflow: beta {cfg.beta_schedule} over K = {cfg.anneal_steps} steps")
     v2 = build_model(cfg.model, cfg.shape)
     train_stage(cfg, "reflow", v2, AnnealingReflowLoss(cfg.anneal_steps, cfg.beta_schedule), load_pairs(cfg),
@@ -660,9 +660,9 @@ def stage_traflow(cfg):
 
 # =============================================================================
 # PART II: THE MACHINERY
-# Image files, networks by name and the official checkpoints, our checkpoints and the run directory, pairs solved
-# in shards, several processes, sampling and evaluation, the benchmark and the command line. Nothing below changes
-# what is learned.
+# Image files, two-time networks and the official checkpoints' names, our checkpoints and the run directory, pairs
+# solved in shards, several processes and the device, the pretrained feature networks (FID's Inception, LPIPS),
+# sampling and evaluation, the benchmark and the command line: how Part I's method is run, not what it is.
 # =============================================================================
 
 # 9. Image data ---------------------------------------------------------------
@@ -1027,6 +1027,13 @@ class Progress:
     def elapsed(self):
         return self.clock() - self.start
 
+def progress_line(text, last=False):
+    """A progress line: on a terminal rewritten in place (`last` ends it), in a log file one line each."""
+    if sys.stdout.isatty():
+        print(("\n" if last else "\r") + text + ("\n" if last else " "), end="", flush=True)
+    else:
+        print(text, flush=True)
+
 class History:
     """A stage's logged values by step (loss, its terms, β, learning rate, it/s, and values tracked at previews), kept
     in <out>/history_<stage>.jsonl, one JSON object a line, and drawn in history_<stage>.png, both rewritten with each
@@ -1073,7 +1080,7 @@ def train_stage(cfg, stage, net, objective, data, preview, model_name=None, ema=
     print(f"[{stage}] {model_name}: {num_params(net):,} parameters, {cfg.steps} steps of batch "
           f"{cfg.batch_size} on {cfg.device}" + (f" x {processes} processes" if processes > 1 else ""))
     net = to_device(net, cfg.device, cfg.channels_last)
-    if ema is not None:  # a network the objective reads too: moved in place (nn.Module.to), so the objective's moves
+    if ema is not None:  # the objective holds it too: nn.Module.to moves it in place, for both
         to_device(ema, cfg.device, cfg.channels_last)
     z, folder = fixed_noise(cfg, 2000 if cfg.toy else 64, "samples").to(cfg.device), Path(cfg.out) / "previews"
     history = History(cfg.out, stage)
@@ -1158,8 +1165,9 @@ def solve_pairs(cfg, z0, solve, teacher):
         raise KeyboardInterrupt(f"[pairs] shards solved stay in {shards}: the same command goes on from them") from None
     except torch.OutOfMemoryError:  # RK45 solves a shard as one system, so its size is part of the recipe
         raise TrainingError(f"[pairs] out of memory on {device_memory(cfg.device)} solving {cfg.pairs_batch} pairs "
-                            f"at once: lower --pairs-batch and pass --overwrite; the shards solved so far stay in "
-                            f"{shards}") from None
+                            f"at once: lower --pairs-batch and pass --overwrite, which solves every shard again (the "
+                            f"shard size is part of the recipe); until then the shards solved stay in {shards}"
+                            ) from None
     barrier()
     if rank == 0:
         parts = [load_file(shard[i], "a pairs shard") for i in starts]
@@ -1219,7 +1227,7 @@ def bf16_autocast(device, precision):
 def adamw(net, lr, weight_decay, device):
     """AdamW on net's weights; on a GPU its fused kernel: one launch for the whole update instead of a few per
     tensor group (the AdamW step took about 10 ms of a 49 ms bf16 training step of slim-15.7m on an H200, unfused)."""
-    fused = True if torch.device(device).type == "cuda" else None  # None: PyTorch's default (foreach) elsewhere
+    fused = True if torch.device(device).type == "cuda" else None  # None: PyTorch's default for the device
     return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
 
 def to_device(net, device, channels_last=False):
@@ -1236,7 +1244,9 @@ def device_memory(device):
     """A device's name, and on a GPU the memory it has: for the message that a batch does not fit."""
     if torch.device(device).type != "cuda":
         return str(device)
-    return f"{device} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB)"
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index  # "cuda" is the current one
+    return f"cuda:{index} ({torch.cuda.get_device_properties(index).total_memory / 2**30:.1f} GiB)"
 
 def training_view(net, device, compile=False):
     """What the objective calls: net, under DDP with several processes (which broadcasts rank 0's weights
@@ -1372,34 +1382,38 @@ def lpips_distance(cfg):
 def sample_flow(net, z, cfg, sampler):  # a flow v(x, t), solved by --sampler
     return sample_with(net, z, sampler, cfg.nfe, cfg.rtol, cfg.atol)
 
-# What differs between the networks that the stages write, in one table: how each samples noise z, returning
-# (samples, NFE); its sampler's name in a table row; the inputs of one call (for its MACs), from z and a time t.
+# What differs between the networks that the stages write, in one table: sample(net, z, cfg, sampler), how each
+# turns noise z into (samples, NFE); name(nfe, sampler), its sampler in a table row; inputs(z, t), one call's inputs
+# (for its MACs).
+FLOW = types.SimpleNamespace(sample=sample_flow, name=lambda nfe, sampler: sampler, inputs=lambda z, t: (z, t))
 STAGE_NETWORKS = {
-    "teacher": (sample_flow, lambda nfe, sampler: sampler, lambda z, t: (z, t)),
-    "reflow": (sample_flow, lambda nfe, sampler: sampler, lambda z, t: (z, t)),
-    "distill": (lambda net, z, cfg, sampler: (net(z), 1), lambda nfe, sampler: "generator", lambda z, t: (z,)),
-    "traflow": (lambda net, z, cfg, sampler: traflow_sample(net, z, cfg.nfe),
-                lambda nfe, sampler: f"{nfe} jump" + "s" * (nfe > 1), lambda z, t: (z, t, t)),
+    "teacher": FLOW,
+    "reflow": FLOW,
+    "distill": types.SimpleNamespace(sample=lambda net, z, cfg, sampler: (net(z), 1),
+                                     name=lambda nfe, sampler: "generator", inputs=lambda z, t: (z,)),
+    "traflow": types.SimpleNamespace(sample=lambda net, z, cfg, sampler: traflow_sample(net, z, cfg.nfe),
+                                     name=lambda nfe, sampler: f"{nfe} jump" + "s" * (nfe > 1),
+                                     inputs=lambda z, t: (z, t, t)),
 }
 
 def generate(net, stage, z, cfg, sampler=None):
     """Samples and NFE from a stage's frozen network: a flow by --sampler, the generator in one call, TraFlow in
     --nfe jumps."""
-    return STAGE_NETWORKS[stage][0](net, z, cfg, sampler or cfg.sampler)
+    return STAGE_NETWORKS[stage].sample(net, z, cfg, sampler or cfg.sampler)
 
 def generate_all(net, stage, cfg, sampler=None):
     """cfg.num_samples samples from seeded noise, in batches of --pairs-batch, with a progress line where there are
     several; and the NFE."""
     z = fixed_noise(cfg, cfg.num_samples, "samples")
-    batches, progress = [], Progress(len(z))
-    for done, zb in zip(itertools.count(cfg.pairs_batch, cfg.pairs_batch), z.split(cfg.pairs_batch)):
+    batches, done, progress = [], 0, Progress(len(z))
+    for zb in z.split(cfg.pairs_batch):
         batches.append(generate(net, stage, zb.to(cfg.device), cfg, sampler))
+        done += len(zb)
         if len(z) > cfg.pairs_batch:
-            rate, left = progress.update(min(done, len(z)))
-            print(f"\r[sample] {min(done, len(z))}/{len(z)} samples  {rate:.0f} img/s  {duration(left)} left ", end="",
-                  flush=True)
+            rate, left = progress.update(done)
+            progress_line(f"[sample] {done}/{len(z)} samples  {rate:.0f} img/s  {duration(left)} left")
     if len(z) > cfg.pairs_batch:
-        print(f"\n[sample] {len(z)} samples in {duration(progress.elapsed())}")
+        progress_line(f"[sample] {len(z)} samples in {duration(progress.elapsed())}", last=True)
     return torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
 
 def pick_stage(cfg):
@@ -1407,7 +1421,7 @@ def pick_stage(cfg):
     return cfg.sample_from or next((s for s in reversed(FLOW_STAGES) if out_path(cfg, s).exists()), "teacher")
 
 def sampler_name(stage, nfe, sampler):
-    return STAGE_NETWORKS[stage][1](nfe, sampler)
+    return STAGE_NETWORKS[stage].name(nfe, sampler)
 
 def stage_sample(cfg):
     stage, tic = pick_stage(cfg), time.monotonic()
@@ -1433,9 +1447,8 @@ def fid_metric(cfg, extractor=None):
             feats.append(extractor(to_unit_range(x).to(cfg.device).clamp(-1, 1)).double().cpu())
             done = sum(map(len, feats))
             rate, left = progress.update(done)
-            print(f"\r[fid] {what}: {done}/{len(images)} images  {rate:.0f} img/s  {duration(left)} left ", end="",
-                  flush=True)
-        print(f"\n[fid] {what}: {duration(progress.elapsed())}")
+            progress_line(f"[fid] {what}: {done}/{len(images)} images  {rate:.0f} img/s  {duration(left)} left")
+        progress_line(f"[fid] {what}: {len(images)} images in {duration(progress.elapsed())}", last=True)
         return gaussian_stats(torch.cat(feats).numpy())
     if cfg.fid_stats:
         stats = Path(cfg.fid_stats)
@@ -1524,7 +1537,7 @@ def evaluate(cfg, stage, net, sampler, method=None, fid=None):
         row["swd"], row["fid"] = laplacian_swd(x, reference), None if fid is None else fid(x)
     z = fixed_noise(cfg, min(cfg.num_samples, cfg.pairs_batch), "eval").to(cfg.device)
     t = torch.full((1,), 0.5, device=cfg.device)
-    macs = count_macs(net, *STAGE_NETWORKS[stage][2](z[:1], t))  # per call
+    macs = count_macs(net, *STAGE_NETWORKS[stage].inputs(z[:1], t))  # per call
     row["macs"] = macs["conv"] + macs["linear"]  # as the paper counts them: attention left out
     row["macs_with_attention"], row["flops"] = macs["total"], 2 * row["macs"]
     if stage in ("teacher", "reflow"):
@@ -1557,10 +1570,12 @@ def stage_eval(cfg, extractor=None):
     floor = print_table(cfg, [row])
     if floor is not None:
         row["sw2_floor"] = floor
-    if row.get("fid", 0) is None:  # said in the row and in the file: never a silent skip
+    key = f"{row['method']} nfe={row['nfe']}"
+    if cfg.no_fid and not cfg.toy:  # said in the row and the file, apart from a row with FID: never a silent skip
         row["fid_not_computed"] = "--no-fid: the FID Inception weights were not read"
         print(f"[eval] FID not computed ({row['fid_not_computed']})")
-    metrics[f"{row['method']} nfe={row['nfe']}"] = row
+        key += " no-fid"
+    metrics[key] = row
     save_json(metrics, path)
     print(f"[eval] -> {path} in {duration(time.monotonic() - tic)}")
     return row
@@ -1568,7 +1583,7 @@ def stage_eval(cfg, extractor=None):
 def stage_all(cfg):
     """The whole pipeline (a stage given by --teacher-ckpt or --init-ckpt is not trained); then on a toy,
     one table of all its models (also <out>/results.json) and their paths; on images, each stage's samples."""
-    tic = time.time()
+    tic = time.monotonic()
     given = {"teacher": cfg.teacher_ckpt, "reflow": cfg.init_ckpt}
     for stage in (s for s in given if given[s]):  # checked before the work: the given checkpoints,
         load_stage_network(cfg, stage)
@@ -1592,7 +1607,7 @@ def stage_all(cfg):
     elif rank == 0:
         for stage, sampler in zip(FLOW_STAGES, ("rk45", "one_step", "one_step")):
             stage_sample(settings_for({**cfg.given, "sample_from": stage, "sampler": sampler}, "sample"))  # replaced
-    print(f"[all] done in {time.time() - tic:.0f}s; outputs in {cfg.out}")
+    print(f"[all] done in {duration(time.monotonic() - tic)}; outputs in {cfg.out}")
 
 def plot_trajectories(cfg, teacher, flow2, generator, n=300):
     """Noise-to-data paths: curved for the teacher, nearly straight after reflow, one jump for the generator."""
@@ -1635,8 +1650,8 @@ def stage_bench(cfg):
             ema = copy.deepcopy(net).requires_grad_(False)
 
             def train_step(x):  # the training loop's own step, EMA and clipping included; timed last: it trains
-                training_step(model.train(), RectifiedFlowLoss(), x, 0, net, ema, opt, 1e-4, 0, 1.0, 0.999, device,
-                              precision)
+                training_step(model.train(), RectifiedFlowLoss(), x, 0, net, ema, opt, lr=1e-4, lr_warmup=0,
+                              grad_clip=1.0, ema_decay=0.999, device=device, precision=precision)
             with bf16_autocast(device, precision):
                 one_step = samples_per_second(lambda z: one_step_sample(model.eval(), z), z)
                 tic = time.perf_counter()
@@ -1665,10 +1680,12 @@ def stage_bench(cfg):
 DEFAULTS = {
     "all": dict(dataset="8gaussians", stage="all", out=None, data_dir="data", image_size=32, max_images=None,
                 teacher_ckpt=None, init_ckpt=None, weight_decay=0.0, seed=0, device="auto", precision=None,
-                compile=False, channels_last=False, resume=False, overwrite=False, rtol=1e-5, atol=1e-5, beta_schedule="linear",
-                distance="l2", reg_weight=1.0, target_form="official", traflow_from="teacher", lambda_vel=1.0,
-                lambda_cons=1.0, traflow_phases=0, traflow_midpoint="student", traflow_target="stopgrad",
-                sampler="rk45", nfe=1, sample_from=None, no_fid=False, fid_weights=None, fid_stats=None, lpips_weights=None),
+                compile=False, channels_last=False, resume=False, overwrite=False, rtol=1e-5, atol=1e-5,
+                beta_schedule="linear", distance="l2", reg_weight=1.0, target_form="official", traflow_from="teacher",
+                lambda_vel=1.0, lambda_cons=1.0, traflow_phases=0, traflow_midpoint="student",
+                traflow_target="stopgrad",
+                sampler="rk45", nfe=1, sample_from=None, no_fid=False, fid_weights=None, fid_stats=None,
+                lpips_weights=None),
     "toy": dict(teacher_model="mlp-256x3", model="mlp-96x3", batch_size=256, lr=1e-3, lr_warmup=100, grad_clip=1.0,
                 ema_decay=0.999, num_pairs=20_000, pairs_batch=20_000, num_samples=10_000, log_every=500,
                 ckpt_every=1000, preview_every=0, anneal_steps=1000, flip=False,
@@ -1779,7 +1796,8 @@ def parse_args(argv=None):
         ("--traflow-midpoint", TRAFLOW_MIDPOINTS, "default student"),
         ("--traflow-target", ("stopgrad", "ema"), "default stopgrad"), ("--sampler", SAMPLERS, "default rk45"),
         ("--nfe", count, "euler: N steps; heun: (N+1)//2 steps, NFE 2·steps - 1; traflow: N jumps"),
-        ("--from", dict(dest="sample_from", choices=tuple(STAGE_NETWORKS)), "stage to sample or evaluate (default: latest)"),
+        ("--from", dict(dest="sample_from", choices=tuple(STAGE_NETWORKS)),
+         "stage to sample or evaluate (default: latest)"),
         ("--num-samples", count, "samples to draw (eval on images: 50,000)"),
         ("--no-fid", switch, "eval on images without FID, so without its Inception weights (offline); the rest "
                              "of the row as ever"),

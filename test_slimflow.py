@@ -1155,7 +1155,7 @@ def test_round_trip_through_an_official_checkpoint_computes_the_same_function(tm
     x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
     assert torch.equal(loaded(x, t), net(x, t))
 
-def test_round_trip_through_an_official_checkpoint_gives_its_raw_weights_on_request(tmp_path):  # the distilled student's start
+def test_round_trip_through_an_official_checkpoint_gives_its_raw_weights_on_request(tmp_path):  # the student's start
     net = randomised_unet()
     official_file(net, tmp_path / "official.pth", ema_scale=2.0)  # raw weights: twice the EMA's
     raw = sf.load_checkpoint(tmp_path / "official.pth", sf.UNet(**sf.PRESETS["unet-micro"]), weights="model")
@@ -1262,6 +1262,11 @@ def test_corrupt_json_files_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "pairs.shards" / "recipe.json").write_text("{corrupt")
     assert run(tmp_path, "--stage", "pairs") == 2
     assert_one_line_error(capsys, f"{tmp_path / 'pairs.shards' / 'recipe.json'} is corrupt")
+    (tmp_path / "history_teacher.jsonl").write_text('{"step": 10, "loss": 1.0}\n{corrupt\n')
+    before = (tmp_path / "teacher.pt").read_bytes()
+    assert run(tmp_path, "--stage", "teacher", "--resume", "--steps", "30") == 2  # before any step
+    assert_one_line_error(capsys, f"{tmp_path / 'history_teacher.jsonl'} is corrupt")
+    assert (tmp_path / "teacher.pt").read_bytes() == before
 
 def test_json_files_are_written_atomically(tmp_path, monkeypatch):
     assert run(tmp_path, "--stage", "teacher") == 0
@@ -1350,12 +1355,13 @@ def test_progress_lines_say_the_time_left_and_the_last_line_the_wall_time(tmp_pa
     assert re.search(r"^\[teacher\] 20 steps in [\dhms.]+$", out.splitlines()[-1]), out
     assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "128") == 0
     out = capsys.readouterr().out
-    assert re.search(r"^\[pairs\] shard 000000000-000000128  NFE \d+  1/2 shards in [\dhms.]+, [\dhms.]+ left$", out, re.M)
+    assert re.search(r"^\[pairs\] shard 000000000-000000128  NFE \d+  1/2 shards in [\dhms.]+, [\dhms.]+ left$", out,
+                     re.M), out
     assert re.search(r"^\[pairs\] wrote 256 pairs to .* in [\dhms.]+$", out, re.M), out
     assert run(tmp_path, "--stage", "sample", "--pairs-batch", "200", "--sampler", "euler", "--nfe", "2") == 0
     out = capsys.readouterr().out
-    assert "\r[sample] 200/500 samples" in out and "\r[sample] 500/500 samples" in out and " left " in out
-    assert re.search(r"^\[sample\] 500 samples in [\dhms.]+$", out, re.M), out
+    assert re.search(r"^\[sample\] 200/500 samples  \d+ img/s  [\dhms.]+ left$", out, re.M), out  # a log: lines
+    assert re.search(r"^\[sample\] 500/500 samples .* 0\.0s left\n\[sample\] 500 samples in [\dhms.]+$", out, re.M)
 
 def history_of(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -1484,7 +1490,8 @@ def test_out_of_memory_in_pairs_names_the_flag_and_keeps_the_shards(tmp_path, ca
     capsys.readouterr()
     assert run(tmp_path, "--stage", "pairs", "--pairs-batch", "64") == 1
     assert_one_line_error(capsys, f"[pairs] out of memory on cpu solving 64 pairs at once: lower --pairs-batch and "
-                                  f"pass --overwrite; the shards solved so far stay in {tmp_path / 'pairs.shards'}")
+                                  f"pass --overwrite, which solves every shard again (the shard size is part of the "
+                                  f"recipe); until then the shards solved stay in {tmp_path / 'pairs.shards'}")
     shard = sf.load_file(tmp_path / "pairs.shards" / "000000000-000000064.pt", "a pairs shard")
     assert shard["z1"].shape == (64, 2) and not (tmp_path / "pairs.pt").exists()
 
@@ -1602,8 +1609,11 @@ def test_two_processes_on_two_gpus_run_every_stage_with_nccl(tmp_path, capfd):
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 def test_out_of_memory_says_how_much_memory_the_gpu_has(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * 2**30))
-    assert sf.device_memory("cuda:0") == "cuda:0 (80.0 GiB)" and sf.device_memory("cpu") == "cpu"
+    sizes = {0: 80 * 2**30, 1: 141 * 2**30}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=sizes[i]))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # what --device cuda means under torchrun's rank 1
+    assert sf.device_memory("cuda:0") == "cuda:0 (80.0 GiB)" and sf.device_memory("cuda") == "cuda:1 (141.0 GiB)"
+    assert sf.device_memory("cpu") == "cpu"
 
 
 # ----------------------------------------------------------------------------- 15. Pretrained feature networks: FID's Inception and LPIPS
@@ -1747,7 +1757,8 @@ def test_lpips_by_hand_on_plain_colours():
 
 def test_the_distillation_distance_is_lpips_at_64_by_64(tmp_path, lpips_net):
     torch.save(lpips_net.state_dict(), tmp_path / "lpips.pth")
-    cfg = sf.settings_for({"dataset": "shapes", "lpips_weights": str(tmp_path / "lpips.pth"), "device": "cpu"}, "distill")
+    cfg = sf.settings_for({"dataset": "shapes", "lpips_weights": str(tmp_path / "lpips.pth"), "device": "cpu"},
+                          "distill")
     a, b = torch.rand(2, 1, 28, 28) * 2 - 1, torch.rand(2, 1, 28, 28) * 2 - 1  # grey: seen as RGB
     up = [F.interpolate(x.repeat(1, 3, 1, 1), size=64, mode="bilinear", align_corners=True) for x in (a, b)]
     with torch.no_grad():  # the official lpips_forward_wrapper(size=64)
@@ -1845,7 +1856,7 @@ def test_eval_without_fid_needs_no_weights_and_says_so(tmp_path, capsys, monkeyp
     capsys.readouterr()
     assert sf.main([*argv, "--stage", "eval", "--no-fid", "--sampler", "euler", "--nfe", "2"]) == 0
     out = capsys.readouterr().out
-    row = json.loads((tmp_path / "metrics.json").read_text())["teacher (euler) nfe=2"]
+    row = json.loads((tmp_path / "metrics.json").read_text())["teacher (euler) nfe=2 no-fid"]  # beside a row with FID
     assert row["fid"] is None and "--no-fid" in row["fid_not_computed"] and row["swd"] > 0 and row["macs"] > 0
     assert row["straightness"] > 0 and row["samples_per_s"] > 0
     line = next(line for line in out.splitlines() if line.startswith("teacher (euler)"))
