@@ -1624,7 +1624,8 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
 def stage_bench(cfg):
     """Samples/s of the student (--model) and the teacher (--teacher-model): training steps at --batch-size, one-step
     and RK45 sampling, each also as a fraction of the device's matmul ceiling for its MACs (a training step ≈ 3 passes
-    of 2·MACs FLOPs). One run, so rows compare: fp32 and, on a bf16 GPU, bf16 (or --precision); also with --compile."""
+    of 2·MACs FLOPs). One run, so rows compare: fp32 and, on a bf16 GPU, bf16 (or --precision); also with --compile,
+    and with --channels-last in both layouts."""
     device, cuda = cfg.device, torch.device(cfg.device).type == "cuda"
     ceilings, n = {}, 8192 if cuda else 1024  # the device's dense matmul rate per precision, FLOP/s
     for precision in [cfg.precision] if "precision" in cfg.given else dict.fromkeys(["fp32", cfg.precision]):
@@ -1632,20 +1633,21 @@ def stage_bench(cfg):
         ceilings[precision] = 2 * n**3 * samples_per_second(lambda _: a @ a, a[:1], repeats=10)  # "batch" of 1
     print(f"[bench] batch {cfg.batch_size} on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}); "
           "matmul ceiling " + ", ".join(f"{p} {c / 1e12:.2f} TFLOP/s" for p, c in ceilings.items()))
-    print(f"{'model':13s}{'params':>8s}{'MACs':>8s}{'precision':>10s}{'compiled':>9s}{'train/s':>10s}{'of ceil.':>9s}"
-          f"{'one step/s':>11s}{'of ceil.':>9s}{'RK45 NFE':>9s}{'RK45/s':>9s}")
+    print(f"{'model':13s}{'params':>8s}{'MACs':>8s}{'precision':>10s}{'compiled':>9s}{'layout':>7s}{'train/s':>10s}"
+          f"{'of ceil.':>9s}{'one step/s':>11s}{'of ceil.':>9s}{'RK45 NFE':>9s}{'RK45/s':>9s}")
     z = torch.randn(cfg.batch_size, *cfg.shape, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
     rows = []
     for name in dict.fromkeys([cfg.model, cfg.teacher_model]):
         torch.manual_seed(cfg.seed)
-        start = to_device(build_model(name, cfg.shape), device, cfg.channels_last)
+        start = to_device(build_model(name, cfg.shape), device)
         for p in start.parameters():  # untrained weights, but a non-zero field, so RK45 has work to do
             if not p.any():  # a zero-initialised weight or bias
                 nn.init.normal_(p, std=0.02)
         params, macs = num_params(start), count_macs(start.eval(), z[:1], torch.rand(1, device=device))["total"]
-        for precision, compiled in itertools.product(ceilings, [False, True] if cfg.compile else [False]):
+        for precision, compiled, channels_last in itertools.product(ceilings, [False, True] if cfg.compile else [False],
+                                                                    [False, True] if cfg.channels_last else [False]):
             torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
-            net = copy.deepcopy(start)  # every configuration from the same weights: RK45 takes the same steps
+            net = to_device(copy.deepcopy(start), device, channels_last)  # the same weights: RK45 takes the same steps
             model, opt = torch.compile(net) if compiled else net, adamw(net, 1e-4, 0.0, device)
             ema = copy.deepcopy(net).requires_grad_(False)
 
@@ -1659,10 +1661,11 @@ def stage_bench(cfg):
                 rk45 = len(z) / (time.perf_counter() - tic)
             train = samples_per_second(train_step, z)
             of_ceiling = 2 * macs / ceilings[precision]  # seconds per sample at the ceiling
-            rows.append(dict(model=name, params=params, macs=macs, precision=precision, compiled=compiled, train=train,
-                             train_of_ceiling=3 * train * of_ceiling, one_step=one_step,
+            layout = "NHWC" if channels_last else "NCHW"
+            rows.append(dict(model=name, params=params, macs=macs, precision=precision, compiled=compiled,
+                             layout=layout, train=train, train_of_ceiling=3 * train * of_ceiling, one_step=one_step,
                              one_step_of_ceiling=one_step * of_ceiling, rk45_nfe=nfe, rk45=rk45))
-            print(f"{name:13s}{si(params):>8s}{si(macs):>8s}{precision:>10s}{('no', 'yes')[compiled]:>9s}"
+            print(f"{name:13s}{si(params):>8s}{si(macs):>8s}{precision:>10s}{('no', 'yes')[compiled]:>9s}{layout:>7s}"
                   f"{train:10.1f}{3 * train * of_ceiling:9.1%}{one_step:11.1f}{one_step * of_ceiling:9.1%}{nfe:9d}"
                   f"{rk45:9.1f}", flush=True)
     one_step = max(r["one_step"] for r in rows if r["model"] == cfg.model)

@@ -2015,12 +2015,18 @@ def test_bench_compares_student_and_teacher(tmp_path, capsys):
                                          "--teacher-model", "unet-tiny", "--batch-size", "2",
                                          "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path)]))
     precisions = dict.fromkeys(["fp32", sf.resolve_precision(None, sf.resolve_device("auto"))])  # bf16 on a GPU too
-    assert [(r["model"], r["precision"], r["compiled"]) for r in rows] == [
-        (model, precision, False) for model in ("unet-micro", "unet-tiny") for precision in precisions]
+    assert [(r["model"], r["precision"], r["compiled"], r["layout"]) for r in rows] == [
+        (model, precision, False, "NCHW") for model in ("unet-micro", "unet-tiny") for precision in precisions]
     assert rows[-1]["params"] > rows[0]["params"] and rows[-1]["macs"] > rows[0]["macs"]
     assert all(r["train"] > 0 and 0 < r["one_step_of_ceiling"] and r["rk45_nfe"] > 1 and r["rk45"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "matmul ceiling fp32" in out and "one-step sampling of unet-micro / RK45 sampling of unet-tiny" in out
+
+def test_bench_with_channels_last_measures_both_layouts(tmp_path):
+    rows = sf.stage_bench(sf.parse_args(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro",
+                                         "--teacher-model", "unet-micro", "--batch-size", "2", "--precision", "fp32",
+                                         "--channels-last", "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path)]))
+    assert [r["layout"] for r in rows] == ["NCHW", "NHWC"] and all(r["train"] > 0 and r["one_step"] > 0 for r in rows)
 
 
 # ----------------------------------------------------------------------------- 18. Settings and the command line
