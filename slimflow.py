@@ -1726,6 +1726,9 @@ def settings_for(given, stage=None):
     merged["shape"] = (2,) if toy else (1 if dataset in ("mnist", "fashion_mnist") else 3, size, size)
     if toy and merged["distance"] == "lpips":
         raise UsageError("--distance lpips is for images; use l2 or huber on 2-D data")
+    if merged["compile"] and stage == "traflow":  # seen on the CPU with torch 2.14: recompiles, then a graph break
+        raise UsageError("--compile: torch.compile cannot trace TraFlow's forward-mode derivative (torch.func.jvp) "
+                         "and falls back to eager, recompiling; run traflow without it")
     if merged["channels_last"] and stage == "traflow":
         raise UsageError("--channels-last: TraFlow's forward-mode derivative fails through GroupNorm in that layout "
                          "in some PyTorch releases (2.11); run traflow without it")
@@ -1776,7 +1779,7 @@ def parse_args(argv=None):
         ("--ema-decay", fraction, None), ("--seed", number(int, strict=False, below=2**32), None),
         ("--device", str, "auto (default), cpu, cuda, cuda:N or mps"),
         ("--precision", ("fp32", "bf16"), "bf16 autocast (default on GPUs with bf16)"),
-        ("--compile", switch, "torch.compile the network for training"),
+        ("--compile", switch, "torch.compile the network for training (not with traflow)"),
         ("--channels-last", switch, "U-Nets in the channels_last memory layout (default NCHW; not with traflow)"),
         ("--resume", switch, "continue the stage's checkpoint exactly"),
         ("--overwrite", switch, "start the stage over, replacing its output"),

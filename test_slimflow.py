@@ -2056,6 +2056,7 @@ def test_bench_with_channels_last_measures_both_layouts(tmp_path):
     (["--dataset", "shapes", "--teacher-model", "mlp-64x2"], "--teacher-model mlp-64x2 does not fit image data"),
     (["--resume", "--overwrite"], "--resume continues a stage and --overwrite starts it over"),
     (["--stage", "traflow", "--channels-last"], "--channels-last: TraFlow's forward-mode derivative fails through"),
+    (["--stage", "traflow", "--compile"], "--compile: torch.compile cannot trace TraFlow's forward-mode derivative"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, pattern):
     assert sf.main(["--out", str(tmp_path), *argv]) == 2
