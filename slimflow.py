@@ -1027,6 +1027,16 @@ class Progress:
     def elapsed(self):
         return self.clock() - self.start
 
+def in_batches(x, batch_size, what, unit):
+    """x.split(batch_size), with a progress line after each batch (rate, time left) and one for the whole."""
+    done, progress = 0, Progress(len(x))
+    for part in x.split(batch_size):
+        yield part
+        done += len(part)
+        rate, left = progress.update(done)
+        progress_line(f"{what} {done}/{len(x)} {unit}  {rate:.0f} img/s  {duration(left)} left")
+    progress_line(f"{what} {len(x)} {unit} in {duration(progress.elapsed())}", last=True)
+
 def progress_line(text, last=False):
     """A progress line: on a terminal rewritten in place (`last` ends it), in a log file one line each."""
     if sys.stdout.isatty():
@@ -1405,15 +1415,8 @@ def generate_all(net, stage, cfg, sampler=None):
     """cfg.num_samples samples from seeded noise, in batches of --pairs-batch, with a progress line where there are
     several; and the NFE."""
     z = fixed_noise(cfg, cfg.num_samples, "samples")
-    batches, done, progress = [], 0, Progress(len(z))
-    for zb in z.split(cfg.pairs_batch):
-        batches.append(generate(net, stage, zb.to(cfg.device), cfg, sampler))
-        done += len(zb)
-        if len(z) > cfg.pairs_batch:
-            rate, left = progress.update(done)
-            progress_line(f"[sample] {done}/{len(z)} samples  {rate:.0f} img/s  {duration(left)} left")
-    if len(z) > cfg.pairs_batch:
-        progress_line(f"[sample] {len(z)} samples in {duration(progress.elapsed())}", last=True)
+    parts = in_batches(z, cfg.pairs_batch, "[sample]", "samples") if len(z) > cfg.pairs_batch else [z]
+    batches = [generate(net, stage, zb.to(cfg.device), cfg, sampler) for zb in parts]
     return torch.cat([b[0].cpu() for b in batches]), round(np.mean([b[1] for b in batches]))
 
 def pick_stage(cfg):
@@ -1442,13 +1445,8 @@ def fid_metric(cfg, extractor=None):
 
     @torch.no_grad()
     def features(images, what):  # of uint8 images or images in [-1, 1], with a progress line
-        feats, progress = [], Progress(len(images))
-        for x in images.split(cfg.pairs_batch):
-            feats.append(extractor(to_unit_range(x).to(cfg.device).clamp(-1, 1)).double().cpu())
-            done = sum(map(len, feats))
-            rate, left = progress.update(done)
-            progress_line(f"[fid] {what}: {done}/{len(images)} images  {rate:.0f} img/s  {duration(left)} left")
-        progress_line(f"[fid] {what}: {len(images)} images in {duration(progress.elapsed())}", last=True)
+        feats = [extractor(to_unit_range(x).to(cfg.device).clamp(-1, 1)).double().cpu()
+                 for x in in_batches(images, cfg.pairs_batch, f"[fid] {what}:", "images")]
         return gaussian_stats(torch.cat(feats).numpy())
     if cfg.fid_stats:
         stats = Path(cfg.fid_stats)
