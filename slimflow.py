@@ -622,8 +622,8 @@ def stage_teacher(cfg):
 def stage_pairs(cfg):
     """The teacher's coupling: Z0 ~ N(0, I), and Z1 the end of v1's ODE from Z0, by RK45."""
     v1, _ = load_stage_network(cfg, "teacher")
-    z0 = fixed_noise(cfg, cfg.num_pairs, "pairs")
-    solve_pairs(cfg, z0, lambda z: rk45_sample(v1, z, rtol=cfg.rtol, atol=cfg.atol), v1)  # then saved
+    z0, velocity = fixed_noise(cfg, cfg.num_pairs, "pairs"), compile_if(v1, cfg.compile)
+    solve_pairs(cfg, z0, lambda z: rk45_sample(velocity, z, rtol=cfg.rtol, atol=cfg.atol), v1)  # then saved
 
 def stage_reflow(cfg):
     """Annealing Reflow: a small 2-rectified flow v2, from random weights, on the pairs; at each preview, its
@@ -640,7 +640,7 @@ def stage_distill(cfg):
     v2, model_name = load_stage_network(cfg, "reflow")
     G = OneStepGenerator(load_stage_network(cfg, "reflow", weights="model")[0].train().requires_grad_(True))
     distance = lpips_distance(cfg) if cfg.distance == "lpips" else DISTANCES[cfg.distance]
-    objective = FlowGuidedDistillationLoss(v2, distance, cfg.reg_weight, cfg.target_form)
+    objective = FlowGuidedDistillationLoss(compile_if(v2, cfg.compile), distance, cfg.reg_weight, cfg.target_form)
     print(f"[distill] Flow-Guided Distillation: distance {cfg.distance}, lambda {cfg.reg_weight}, "
           f"target {cfg.target_form}")
     train_stage(cfg, "distill", G, objective, load_pairs(cfg), preview=lambda g, z: g(z), model_name=model_name)
@@ -1258,13 +1258,19 @@ def device_memory(device):
     index = torch.cuda.current_device() if index is None else index  # "cuda" is the current one
     return f"cuda:{index} ({torch.cuda.get_device_properties(index).total_memory / 2**30:.1f} GiB)"
 
+def compile_if(fn, compile):
+    """fn, or fn compiled by torch.compile (--compile: fewer, larger kernels): the network a stage trains (see
+    training_view) and those it only runs, the teacher solving pairs, distillation's guide v2 and LPIPS. Each is
+    compiled once, in its first call. A compiled module is never saved: its state_dict names weights `_orig_mod.*`."""
+    return torch.compile(fn) if compile else fn
+
 def training_view(net, device, compile=False):
     """What the objective calls: net, under DDP with several processes (which broadcasts rank 0's weights
     and averages gradients), compiled with `compile`. Weights, optimizer and EMA stay on net in float32."""
     if world()[1] > 1:
         cuda = torch.device(device).type == "cuda"
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
-    return torch.compile(net) if compile else net
+    return compile_if(net, compile)
 
 
 # 15. Pretrained feature networks: FID's Inception and LPIPS ------------------
@@ -1377,8 +1383,10 @@ def lpips_distance(cfg):
         weights = lpips_network().state_dict()  # the layout, and the input scaling's constants
         weights.update({k: vgg["features." + k.split(".", 2)[2]] for k in weights if k.startswith("net.")})  # VGG16
         weights.update({k: lin[k.replace("lins.", "lin")] for k in weights if k.startswith("lin")})  # lins.<k>: lin<k>
-    net = lpips_network(weights).to(cfg.device)
+    return compile_if(lpips_at_64(lpips_network(weights).to(cfg.device)), cfg.compile)
 
+def lpips_at_64(net):
+    """The distance net(a, b) of LPIPS on images resized to 64x64, as the official lpips_forward_wrapper(size=64)."""
     def distance(a, b):
         a, b = (F.interpolate(x.expand(-1, 3, -1, -1), size=64, mode="bilinear", align_corners=True) for x in (a, b))
         return net(a, b)
@@ -1619,11 +1627,18 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
 
 # 17. Bench -------------------------------------------------------------------
 
+def bench_step(net, objective, device, precision, compiled):
+    """step(batch): the training loop's own step of objective (clipping and EMA included), net compiled if asked."""
+    model, opt = compile_if(net, compiled), adamw(net, 1e-4, 0.0, device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    return lambda batch: training_step(model.train(), objective, batch, 0, net, ema, opt, lr=1e-4, lr_warmup=0,
+                                       grad_clip=1.0, ema_decay=0.999, device=device, precision=precision)
+
 def stage_bench(cfg):
     """Samples/s of the student (--model) and the teacher (--teacher-model): training steps at --batch-size, one-step
     and RK45 sampling, each also as a fraction of the device's matmul ceiling for its MACs (a training step ≈ 3 passes
-    of 2·MACs FLOPs). One run, so rows compare: fp32 and, on a bf16 GPU, bf16 (or --precision); also with --compile,
-    and with --channels-last in both layouts."""
+    of 2·MACs FLOPs), and the student's distillation steps with --distance. One run, so rows compare: fp32 and, on a bf16
+    GPU, bf16 (or --precision); also with --compile, and with --channels-last in both layouts."""
     device, cuda = cfg.device, torch.device(cfg.device).type == "cuda"
     ceilings, n = {}, 8192 if cuda else 1024  # the device's dense matmul rate per precision, FLOP/s
     for precision in [cfg.precision] if "precision" in cfg.given else dict.fromkeys(["fp32", cfg.precision]):
@@ -1632,7 +1647,7 @@ def stage_bench(cfg):
     print(f"[bench] batch {cfg.batch_size} on {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}); "
           "matmul ceiling " + ", ".join(f"{p} {c / 1e12:.2f} TFLOP/s" for p, c in ceilings.items()))
     print(f"{'model':13s}{'params':>8s}{'MACs':>8s}{'precision':>10s}{'compiled':>9s}{'layout':>7s}{'train/s':>10s}"
-          f"{'of ceil.':>9s}{'one step/s':>11s}{'of ceil.':>9s}{'RK45 NFE':>9s}{'RK45/s':>9s}")
+          f"{'of ceil.':>9s}{'distill/s':>10s}{'one step/s':>11s}{'of ceil.':>9s}{'RK45 NFE':>9s}{'RK45/s':>9s}")
     z = torch.randn(cfg.batch_size, *cfg.shape, device=device, generator=torch.Generator(device).manual_seed(cfg.seed))
     rows = []
     for name in dict.fromkeys([cfg.model, cfg.teacher_model]):
@@ -1646,31 +1661,53 @@ def stage_bench(cfg):
                                                                     [False, True] if cfg.channels_last else [False]):
             torch.compiler.reset()  # compile afresh: every configuration recompiles the same forward
             net = to_device(copy.deepcopy(start), device, channels_last)  # the same weights: RK45 takes the same steps
-            model, opt = torch.compile(net) if compiled else net, adamw(net, 1e-4, 0.0, device)
-            ema = copy.deepcopy(net).requires_grad_(False)
-
-            def train_step(x):  # the training loop's own step, EMA and clipping included; timed last: it trains
-                training_step(model.train(), RectifiedFlowLoss(), x, 0, net, ema, opt, lr=1e-4, lr_warmup=0,
-                              grad_clip=1.0, ema_decay=0.999, device=device, precision=precision)
+            model = compile_if(net, compiled)
             with bf16_autocast(device, precision):
                 one_step = samples_per_second(lambda z: one_step_sample(model.eval(), z), z)
                 tic = time.perf_counter()
                 nfe = rk45_sample(model, z, rtol=cfg.rtol, atol=cfg.atol)[1]  # one solve: RK45 is too slow to repeat
                 rk45 = len(z) / (time.perf_counter() - tic)
-            train = samples_per_second(train_step, z)
+            distill = None
+            if name == cfg.model:  # its distillation: G = z + u, guided by a frozen v2, with --distance
+                distance = (compile_if(lpips_at_64(lpips_network().to(device)), compiled) if cfg.distance == "lpips"
+                            else DISTANCES[cfg.distance])  # LPIPS's random weights: the published ones' work
+                objective = FlowGuidedDistillationLoss(compile_if(copy.deepcopy(net), compiled), distance)
+                step = bench_step(OneStepGenerator(copy.deepcopy(net)), objective, device, precision, compiled)
+                distill = samples_per_second(lambda z: step((z, z.flip(0))), z)
+            train = samples_per_second(bench_step(net, RectifiedFlowLoss(), device, precision, compiled), z)  # last
             of_ceiling = 2 * macs / ceilings[precision]  # seconds per sample at the ceiling
             layout = "NHWC" if channels_last else "NCHW"
             rows.append(dict(model=name, params=params, macs=macs, precision=precision, compiled=compiled,
-                             layout=layout, train=train, train_of_ceiling=3 * train * of_ceiling, one_step=one_step,
-                             one_step_of_ceiling=one_step * of_ceiling, rk45_nfe=nfe, rk45=rk45))
+                             layout=layout, train=train, train_of_ceiling=3 * train * of_ceiling, distill=distill,
+                             one_step=one_step, one_step_of_ceiling=one_step * of_ceiling, rk45_nfe=nfe, rk45=rk45))
             print(f"{name:13s}{si(params):>8s}{si(macs):>8s}{precision:>10s}{('no', 'yes')[compiled]:>9s}{layout:>7s}"
-                  f"{train:10.1f}{3 * train * of_ceiling:9.1%}{one_step:11.1f}{one_step * of_ceiling:9.1%}{nfe:9d}"
-                  f"{rk45:9.1f}", flush=True)
+                  f"{train:10.1f}{3 * train * of_ceiling:9.1%}{'-' if distill is None else f'{distill:.1f}':>10s}"
+                  f"{one_step:11.1f}{one_step * of_ceiling:9.1%}{nfe:9d}{rk45:9.1f}", flush=True)
     one_step = max(r["one_step"] for r in rows if r["model"] == cfg.model)
     rk45 = max(r["rk45"] for r in rows if r["model"] == cfg.teacher_model)
     print(f"one-step sampling of {cfg.model} / RK45 sampling of {cfg.teacher_model}, fastest of each: "
           f"{one_step / rk45:.0f}x")
+    recipe_hours(cfg, rows)
     return rows
+
+def recipe_hours(cfg, rows):
+    """The device-hours of --dataset's recipe (its default pairs, steps and batch) at the fastest rates measured:
+    pairs by the teacher's RK45, reflow's and distillation's steps of the student; and the teacher's own training,
+    which the published teacher saves. Rates at --batch-size stand in for the recipe's batch."""
+    def fastest(model, key):  # samples/s
+        return max(r[key] for r in rows if r["model"] == model and r[key] is not None)
+    recipe = {stage: settings_for({"dataset": cfg.dataset}, stage) for stage in ("teacher", "pairs", "reflow",
+                                                                                  "distill")}
+    hours = {"pairs": recipe["pairs"].num_pairs / fastest(cfg.teacher_model, "rk45") / 3600,
+             **{stage: recipe[stage].steps * recipe[stage].batch_size / fastest(model, key) / 3600
+                for stage, model, key in (("reflow", cfg.model, "train"), ("distill", cfg.model, "distill"),
+                                          ("teacher", cfg.teacher_model, "train"))}}
+    print(f"[bench] the {cfg.dataset} recipe at these rates: pairs {hours['pairs']:.2f} h ({recipe['pairs'].num_pairs:,} "
+          f"by RK45), reflow {hours['reflow']:.2f} h ({recipe['reflow'].steps:,} steps), distill "
+          f"{hours['distill']:.2f} h ({recipe['distill'].steps:,} steps): {sum(hours.values()) - hours['teacher']:.2f} "
+          f"device-hours from a given teacher; training the teacher ({recipe['teacher'].steps:,} steps) adds "
+          f"{hours['teacher']:.2f} h")
+    return hours
 
 
 # 18. Settings and the command line -------------------------------------------
@@ -1777,7 +1814,7 @@ def parse_args(argv=None):
         ("--ema-decay", fraction, None), ("--seed", number(int, strict=False, below=2**32), None),
         ("--device", str, "auto (default), cpu, cuda, cuda:N or mps"),
         ("--precision", ("fp32", "bf16"), "bf16 autocast (default on GPUs with bf16)"),
-        ("--compile", switch, "torch.compile the network for training (not with traflow)"),
+        ("--compile", switch, "torch.compile the networks of training and pairs (not with traflow)"),
         ("--channels-last", switch, "U-Nets in the channels_last memory layout (default NCHW; not with traflow)"),
         ("--resume", switch, "continue the stage's checkpoint exactly"),
         ("--overwrite", switch, "start the stage over, replacing its output"),

@@ -1983,23 +1983,77 @@ def test_training_steps_do_not_wait_for_the_gpu(tmp_path):  # only logs, checkpo
     assert 0 < synchronisations(tmp_path / "a", 3) == synchronisations(tmp_path / "b", 9)  # one log and save each
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor on a CPU needs a C++ compiler")
-def test_compiled_training_gives_eager_losses_from_one_graph(tmp_path, capsys):
-    # --compile on the CPU (inductor, about 40 s cold on 2 cores): 20 steps of a tiny U-Net give eager's losses to
-    # 1e-5, from one graph (no recompilation after the first step) with no graph break
+def test_compiled_training_gives_eager_losses_from_one_graph_per_network(tmp_path, capsys):
+    # --compile on the CPU (inductor, about 60 s cold on 2 cores): a tiny U-Net's teacher steps, then distillation's
+    # steps with the generator and its frozen guide v2 compiled, give eager's losses to 1e-5, from one graph per
+    # network (no recompilation after the first step: 20 teacher steps, 5 distillation ones) and no graph break
     from torch._dynamo.utils import counters
+
+    def tiny_unet(seed):
+        torch.manual_seed(seed)
+        net = sf.UNet(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=8)
+        with torch.no_grad():  # no zero-initialised output: a guide that moves its input
+            for p in net.parameters():
+                p.add_(torch.randn_like(p), alpha=0.05)
+        return net
     torch._dynamo.reset()
     counters.clear()
-    losses = {}
+    pairs = torch.randn(2, 16, 3, 8, 8)
+    teacher, distill = {}, {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        net = sf.UNet(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=8)
         history = sf.History(tmp_path / str(compiled), "teacher")
-        sf.train(net, sf.RectifiedFlowLoss(), sf.TrainingData(sf.shapes_images(64, 8)), 20, 4, 1e-3,
+        sf.train(tiny_unet(0), sf.RectifiedFlowLoss(), sf.TrainingData(sf.shapes_images(64, 8)), 20, 4, 1e-3,
                  compile=compiled, log_every=1, ckpt_every=10**9, history=history)
-        losses[compiled] = [history.rows[step]["loss"] for step in range(1, 21)]
-    assert losses[True] == pytest.approx(losses[False], rel=1e-5) and len(set(losses[True])) == 20
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    assert capsys.readouterr().out.count("[train] first step, compilation included: ") == 1  # its time, once
+        teacher[compiled] = [history.rows[step]["loss"] for step in range(1, 21)]
+        history = sf.History(tmp_path / str(compiled), "distill")
+        guide = sf.compile_if(tiny_unet(1), compiled)  # as stage_distill builds it
+        objective = sf.FlowGuidedDistillationLoss(guide, sf.l2_distance, 1.0, "paper")  # v2 called twice a step
+        sf.train(sf.OneStepGenerator(tiny_unet(2)), objective, sf.TrainingData(*pairs), 5, 4, 1e-3,
+                 compile=compiled, log_every=1, ckpt_every=10**9, history=history)
+        distill[compiled] = [(history.rows[step]["pair"], history.rows[step]["reg"]) for step in range(1, 6)]
+    assert teacher[True] == pytest.approx(teacher[False], rel=1e-5) and len(set(teacher[True])) == 20
+    print(distill)
+    assert all(a == pytest.approx(b, rel=1e-5) for a, b in zip(distill[True], distill[False]))
+    assert len(set(distill[True])) == 5 and min(reg for pair, reg in distill[True]) > 1e-3  # the guide matters
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]  # teacher, generator, guide
+    assert capsys.readouterr().out.count("[train] first step, compilation included: ") == 2  # its time, once a run
+
+class Compiled(torch.nn.Module):  # stands in for torch.compile's module: runs fn, which it holds, and counts calls
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.calls = fn, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+    @property
+    def kind(self):
+        return type(self.fn).__name__ if isinstance(self.fn, torch.nn.Module) else self.fn.__name__
+
+def record_compiled(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(Compiled(fn)) or compiled[-1])
+    return compiled
+
+def test_compile_reaches_every_network_a_stage_runs(tmp_path, monkeypatch):
+    # --compile compiles what a stage trains and what it only runs: pairs' teacher; distillation's generator, its
+    # guide v2 and LPIPS; without it nothing is compiled (stood in for here, and counted: see the test above)
+    compiled = record_compiled(monkeypatch)
+    argv = [*SHAPES, "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path), "--device", "cpu"]
+    torch.save(sf.lpips_network().state_dict(), tmp_path / "lpips.pth")
+    lpips = ["--distance", "lpips", "--lpips-weights", str(tmp_path / "lpips.pth")]
+    for stage, *extra in (["teacher"], ["pairs"], ["reflow"], ["distill", *lpips]):
+        assert sf.main([*argv, "--stage", stage, *extra]) == 0 and compiled == [], stage
+        assert sf.main([*argv, "--stage", stage, *extra, "--overwrite", "--compile"]) == 0, stage
+        assert [c.kind for c in compiled] == {"teacher": ["UNet"], "pairs": ["UNet"], "reflow": ["UNet"],
+                         "distill": ["distance", "UNet", "OneStepGenerator"]}[stage], stage
+        assert all(c.calls > 0 for c in compiled), stage  # and what runs is the compiled one
+        if stage in ("pairs", "distill"):  # the frozen network: teacher.pt's or reflow.pt's EMA
+            frozen = next(c.fn for c in compiled if type(c.fn).__name__ == "UNet")
+            assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+        compiled.clear()
 
 def test_precision_defaults_to_fp32_without_a_bf16_gpu():
     assert sf.resolve_precision(None, "cpu") == "fp32" and sf.resolve_precision("bf16", "cpu") == "bf16"
@@ -2019,8 +2073,32 @@ def test_bench_compares_student_and_teacher(tmp_path, capsys):
         (model, precision, False, "NCHW") for model in ("unet-micro", "unet-tiny") for precision in precisions]
     assert rows[-1]["params"] > rows[0]["params"] and rows[-1]["macs"] > rows[0]["macs"]
     assert all(r["train"] > 0 and 0 < r["one_step_of_ceiling"] and r["rk45_nfe"] > 1 and r["rk45"] > 0 for r in rows)
+    assert all((r["distill"] or 0) > 0 if r["model"] == "unet-micro" else r["distill"] is None for r in rows)  # student
     out = capsys.readouterr().out
     assert "matmul ceiling fp32" in out and "one-step sampling of unet-micro / RK45 sampling of unet-tiny" in out
+
+def test_bench_estimates_the_recipe_in_device_hours_from_the_fastest_rates(capsys):
+    cfg = sf.parse_args(["--stage", "bench", "--dataset", "cifar10", "--batch-size", "64"])  # the recipe's is 128
+    student, teacher = dict(model="slim-15.7m", distill=320.0, rk45=1.0), dict(model="rf-61.8m", distill=None)
+    rows = [{**student, "train": 800.0}, {**student, "train": 1600.0, "distill": 640.0},  # samples/s
+            {**teacher, "train": 800.0, "rk45": 50.0}, {**teacher, "train": 400.0, "rk45": 25.0}]
+    hours = sf.recipe_hours(cfg, rows)
+    assert hours == pytest.approx({"pairs": 50_000 / 50 / 3600, "reflow": 500_000 * 128 / 1600 / 3600,
+                                   "distill": 200_000 * 128 / 640 / 3600, "teacher": 800_000 * 128 / 800 / 3600})
+    assert ("pairs 0.28 h (50,000 by RK45), reflow 11.11 h (500,000 steps), distill 11.11 h (200,000 steps): 22.50 "
+            "device-hours from a given teacher; training the teacher (800,000 steps) adds 35.56 h"
+            ) in capsys.readouterr().out
+
+def test_bench_with_compile_compiles_every_network_it_times(tmp_path, monkeypatch):
+    compiled = record_compiled(monkeypatch)  # stood in for: see Compiled
+    rows = sf.stage_bench(sf.parse_args(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro",
+                                         "--teacher-model", "unet-tiny", "--batch-size", "2", "--precision", "fp32",
+                                         "--compile", "--distance", "lpips", "--rtol", "1e-2", "--atol", "1e-2",
+                                         "--out", str(tmp_path)]))
+    assert [(r["model"], r["compiled"]) for r in rows] == [(m, c) for m in ("unet-micro", "unet-tiny") for c in (0, 1)]
+    # the compiled student: sampling, distillation's LPIPS, guide and generator, training; the teacher: two of them
+    assert [c.kind for c in compiled] == ["UNet", "distance", "UNet", "OneStepGenerator", "UNet", "UNet", "UNet"]
+    assert all(c.calls > 0 for c in compiled)
 
 def test_bench_with_channels_last_measures_both_layouts(tmp_path):
     rows = sf.stage_bench(sf.parse_args(["--stage", "bench", "--dataset", "shapes", "--model", "unet-micro",
