@@ -1260,8 +1260,9 @@ def device_memory(device):
 
 def compile_if(fn, compile):
     """fn, or fn compiled by torch.compile (--compile: fewer, larger kernels): the network a stage trains (see
-    training_view) and those it only runs, the teacher solving pairs, distillation's guide v2 and LPIPS. Each is
-    compiled once, in its first call. A compiled module is never saved: its state_dict names weights `_orig_mod.*`."""
+    training_view) and those it only runs: the teacher solving pairs, distillation's guide v2 and LPIPS, the network
+    that samples, FID's Inception. Each is compiled in its first call (and again for a last, smaller batch). A
+    compiled module is never saved: its state_dict names weights `_orig_mod.*`."""
     return torch.compile(fn) if compile else fn
 
 def training_view(net, device, compile=False):
@@ -1436,7 +1437,7 @@ def sampler_name(stage, nfe, sampler):
 
 def stage_sample(cfg):
     stage, tic = pick_stage(cfg), time.monotonic()
-    x, nfe = generate_all(load_stage_network(cfg, stage)[0], stage, cfg)
+    x, nfe = generate_all(compile_if(load_stage_network(cfg, stage)[0], cfg.compile), stage, cfg)
     path = Path(cfg.out) / f"samples_{stage}.npy"  # not there, or --overwrite: see run_stage
     save_atomic(lambda f: np.save(f, x.numpy()), path)
     save_preview(x, path.with_suffix(".png"), cfg)
@@ -1449,7 +1450,8 @@ def fid_metric(cfg, extractor=None):
     if extractor is None:
         extractor = fid_inception(cfg.fid_weights or download(FID_WEIGHTS_URL, Path(cfg.data_dir) / "fid",
                                                               "the FID Inception weights", "--fid-weights"))
-    extractor = extractor.to(cfg.device)
+    name = type(extractor).__name__.lower()  # in the cached statistics' file name
+    extractor = compile_if(extractor.to(cfg.device), cfg.compile)
 
     @torch.no_grad()
     def features(images, what):  # of uint8 images or images in [-1, 1], with a progress line
@@ -1461,7 +1463,7 @@ def fid_metric(cfg, extractor=None):
     else:
         real = image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_images, cfg.seed)
         stats = Path(cfg.data_dir) / (f"fid_stats_{cfg.dataset}_train_{cfg.image_size}px_{len(real)}_"
-                                      f"{type(extractor).__name__.lower()}_tf1.npz")
+                                      f"{name}_tf1.npz")
         if not stats.exists():
             mu, sigma = features(real, f"{cfg.dataset} training set")
             save_atomic(lambda f: np.savez(f, mu=mu, sigma=sigma), stats)
@@ -1535,7 +1537,8 @@ def evaluate(cfg, stage, net, sampler, method=None, fid=None):
     needs no weights."""
     reference = (toy_data(cfg.dataset, cfg.num_samples, cfg.seed + 3) if cfg.toy
                  else image_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, None, cfg.seed, train=False))
-    x, nfe = generate_all(net, stage, cfg, sampler)
+    sampling = compile_if(net, cfg.compile)  # net itself for its MACs and straightness, on other batch sizes
+    x, nfe = generate_all(sampling, stage, cfg, sampler)
     row = {"method": method or f"{stage} ({sampler_name(stage, nfe, sampler)})", "params": num_params(net), "nfe": nfe}
     if cfg.toy:
         row["sw2"] = sliced_wasserstein(x, reference)
@@ -1548,7 +1551,7 @@ def evaluate(cfg, stage, net, sampler, method=None, fid=None):
     row["macs_with_attention"], row["flops"] = macs["total"], 2 * row["macs"]
     if stage in ("teacher", "reflow"):
         row["straightness"] = straightness(net, z[:1000])
-    row["samples_per_s"] = samples_per_second(lambda zb: generate(net, stage, zb, cfg, sampler), z, repeats=2)
+    row["samples_per_s"] = samples_per_second(lambda zb: generate(sampling, stage, zb, cfg, sampler), z, repeats=2)
     return row
 
 def print_table(cfg, rows):
@@ -1637,8 +1640,8 @@ def bench_step(net, objective, device, precision, compiled):
 def stage_bench(cfg):
     """Samples/s of the student (--model) and the teacher (--teacher-model): training steps at --batch-size, one-step
     and RK45 sampling, each also as a fraction of the device's matmul ceiling for its MACs (a training step ≈ 3 passes
-    of 2·MACs FLOPs), and the student's distillation steps with --distance. One run, so rows compare: fp32 and, on a bf16
-    GPU, bf16 (or --precision); also with --compile, and with --channels-last in both layouts."""
+    of 2·MACs FLOPs), and the student's distillation steps with --distance. One run, so rows compare: fp32 and, on
+    a bf16 GPU, bf16 (or --precision); also with --compile, and with --channels-last in both layouts."""
     device, cuda = cfg.device, torch.device(cfg.device).type == "cuda"
     ceilings, n = {}, 8192 if cuda else 1024  # the device's dense matmul rate per precision, FLOP/s
     for precision in [cfg.precision] if "precision" in cfg.given else dict.fromkeys(["fp32", cfg.precision]):
@@ -1702,11 +1705,11 @@ def recipe_hours(cfg, rows):
              **{stage: recipe[stage].steps * recipe[stage].batch_size / fastest(model, key) / 3600
                 for stage, model, key in (("reflow", cfg.model, "train"), ("distill", cfg.model, "distill"),
                                           ("teacher", cfg.teacher_model, "train"))}}
-    print(f"[bench] the {cfg.dataset} recipe at these rates: pairs {hours['pairs']:.2f} h ({recipe['pairs'].num_pairs:,} "
-          f"by RK45), reflow {hours['reflow']:.2f} h ({recipe['reflow'].steps:,} steps), distill "
-          f"{hours['distill']:.2f} h ({recipe['distill'].steps:,} steps): {sum(hours.values()) - hours['teacher']:.2f} "
-          f"device-hours from a given teacher; training the teacher ({recipe['teacher'].steps:,} steps) adds "
-          f"{hours['teacher']:.2f} h")
+    print(f"[bench] the {cfg.dataset} recipe at these rates: pairs {hours['pairs']:.2f} h "
+          f"({recipe['pairs'].num_pairs:,} by RK45), reflow {hours['reflow']:.2f} h ({recipe['reflow'].steps:,} "
+          f"steps), distill {hours['distill']:.2f} h ({recipe['distill'].steps:,} steps): "
+          f"{sum(hours.values()) - hours['teacher']:.2f} device-hours from a given teacher; training the teacher "
+          f"({recipe['teacher'].steps:,} steps) adds {hours['teacher']:.2f} h")
     return hours
 
 
@@ -1814,7 +1817,7 @@ def parse_args(argv=None):
         ("--ema-decay", fraction, None), ("--seed", number(int, strict=False, below=2**32), None),
         ("--device", str, "auto (default), cpu, cuda, cuda:N or mps"),
         ("--precision", ("fp32", "bf16"), "bf16 autocast (default on GPUs with bf16)"),
-        ("--compile", switch, "torch.compile the networks of training and pairs (not with traflow)"),
+        ("--compile", switch, "torch.compile the networks a stage runs (not with --stage traflow)"),
         ("--channels-last", switch, "U-Nets in the channels_last memory layout (default NCHW; not with traflow)"),
         ("--resume", switch, "continue the stage's checkpoint exactly"),
         ("--overwrite", switch, "start the stage over, replacing its output"),

@@ -2019,6 +2019,17 @@ def test_compiled_training_gives_eager_losses_from_one_graph_per_network(tmp_pat
     assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]  # teacher, generator, guide
     assert capsys.readouterr().out.count("[train] first step, compilation included: ") == 2  # its time, once a run
 
+def test_every_network_that_compile_reaches_traces_into_one_graph():
+    # what --compile compiles, traced by dynamo alone (no code generated: seconds): one graph each, no graph break
+    unet, t, x = sf.build_model("unet-micro", (3, 32, 32)), torch.rand(2), torch.randn(2, 3, 32, 32)
+    calls = {"U-Net, training": (unet.train(), x, t), "generator": (sf.OneStepGenerator(unet), x),
+             "MLP": (sf.build_model("mlp-64x2", (2,)), torch.randn(2, 2), t),
+             "LPIPS at 64x64": (sf.lpips_at_64(sf.lpips_network()), x.requires_grad_(), torch.randn(2, 3, 32, 32)),
+             "FID Inception": (sf.fid_inception(), x.detach())}
+    for name, (fn, *inputs) in calls.items():
+        explained = torch._dynamo.explain(fn)(*inputs)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
+
 class Compiled(torch.nn.Module):  # stands in for torch.compile's module: runs fn, which it holds, and counts calls
     def __init__(self, fn):
         super().__init__()
@@ -2039,7 +2050,8 @@ def record_compiled(monkeypatch):
 
 def test_compile_reaches_every_network_a_stage_runs(tmp_path, monkeypatch):
     # --compile compiles what a stage trains and what it only runs: pairs' teacher; distillation's generator, its
-    # guide v2 and LPIPS; without it nothing is compiled (stood in for here, and counted: see the test above)
+    # guide v2 and LPIPS; the network that samples, FID's Inception. Without it nothing is compiled (stood in for
+    # here, and counted: see the test above)
     compiled = record_compiled(monkeypatch)
     argv = [*SHAPES, "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path), "--device", "cpu"]
     torch.save(sf.lpips_network().state_dict(), tmp_path / "lpips.pth")
@@ -2054,6 +2066,18 @@ def test_compile_reaches_every_network_a_stage_runs(tmp_path, monkeypatch):
             frozen = next(c.fn for c in compiled if type(c.fn).__name__ == "UNet")
             assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
         compiled.clear()
+    assert sf.main([*argv, "--stage", "sample", "--from", "reflow", "--sampler", "euler", "--nfe", "2",
+                    "--compile"]) == 0  # the network that samples
+    assert [c.kind for c in compiled] == ["UNet"] and compiled[0].calls == 4  # 2 batches of 4, 2 Euler steps each
+    compiled.clear()
+    extractor = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())  # FID's Inception, as a stand-in
+    cfg = sf.parse_args([*argv, "--stage", "eval", "--from", "distill", "--data-dir", str(tmp_path / "data"),
+                         "--compile"])
+    assert math.isfinite(sf.stage_eval(cfg, extractor=extractor)["fid"])
+    assert [c.kind for c in compiled] == ["Sequential", "OneStepGenerator"] and all(c.calls for c in compiled)
+    assert compiled[1].calls == 2 + 3  # the samples, in 2 batches; then samples/s, timed on a batch 3 times
+    assert [f.name for f in (tmp_path / "data").glob("fid_stats_*")] == [
+        "fid_stats_shapes_train_32px_16_sequential_tf1.npz"]  # named by the extractor, not by its compiled wrapper
 
 def test_precision_defaults_to_fp32_without_a_bf16_gpu():
     assert sf.resolve_precision(None, "cpu") == "fp32" and sf.resolve_precision("bf16", "cpu") == "bf16"
