@@ -572,6 +572,7 @@ def train(net, objective, data, steps, batch_size, lr, lr_warmup=0, weight_decay
             step += 1
             if compile and step == first_step + 1:  # torch.compile compiles in the first step, on the host
                 print(f"[{meta['stage']}] first step, compilation included: {duration(progress.elapsed())}", flush=True)
+                progress.restart(step)  # the rate and time left of the compiled steps
             log, save = step % log_every == 0 or step == steps, step % ckpt_every == 0 or step == steps
             show = preview is not None and preview_every and step % preview_every == 0
             if (log or save or show) and first_bad_step(bad_step) < steps:  # so a NaN never reaches a checkpoint
@@ -1023,6 +1024,10 @@ class Progress:
         self.marks = (self.marks + [(done, now)])[-self.window - 1:]
         rate = (done - self.marks[0][0]) / max(now - self.marks[0][1], 1e-9)
         return rate, (self.total - done) / rate if rate > 0 else math.inf
+
+    def restart(self, done):
+        """The rate from here on, with what came before (a compilation) out of it; the wall time keeps it."""
+        self.marks = [(done, self.clock())]
 
     def elapsed(self):
         return self.clock() - self.start

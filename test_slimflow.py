@@ -1346,6 +1346,10 @@ def test_progress_gives_the_recent_rate_and_the_time_left_on_a_fake_clock():
     assert progress.update(300) == pytest.approx((200 / 6, 700 / (200 / 6)))
     assert progress.elapsed() == 16.0
     assert [sf.duration(x) for x in (21.0, 125.0, 3725.0, math.inf)] == ["21.0s", "2m05s", "1h02m", "?"]
+    now[0] = 176.0  # a compilation of 60 s in step 301, then 100 steps in 10 s: 10/s, not 101 in 70 s
+    progress.restart(301)
+    now[0] = 186.0
+    assert progress.update(401) == (10.0, 59.9) and progress.elapsed() == 86.0
 
 def test_progress_lines_say_the_time_left_and_the_last_line_the_wall_time(tmp_path, capsys):
     assert run(tmp_path, "--stage", "teacher") == 0
