@@ -1264,10 +1264,9 @@ def device_memory(device):
     return f"cuda:{index} ({torch.cuda.get_device_properties(index).total_memory / 2**30:.1f} GiB)"
 
 def compile_if(fn, compile):
-    """fn, or fn compiled by torch.compile (--compile: fewer, larger kernels): the network a stage trains (see
-    training_view) and those it only runs: the teacher solving pairs, distillation's guide v2 and LPIPS, the network
-    that samples, FID's Inception. Each is compiled in its first call (and again for a last, smaller batch). A
-    compiled module is never saved: its state_dict names weights `_orig_mod.*`."""
+    """fn, or fn compiled by torch.compile (--compile: fewer, larger kernels), for the network a stage trains (see
+    training_view) and those it only runs. Compiled in its first call, and again for another batch size or grad
+    mode. A compiled module is never saved: its state_dict names the weights `_orig_mod.*`."""
     return torch.compile(fn) if compile else fn
 
 def training_view(net, device, compile=False):
@@ -1635,9 +1634,9 @@ def plot_trajectories(cfg, teacher, flow2, generator, n=300):
 
 # 17. Bench -------------------------------------------------------------------
 
-def bench_step(net, objective, device, precision, compiled):
+def bench_step(net, objective, device, precision, compile):
     """step(batch): the training loop's own step of objective (clipping and EMA included), net compiled if asked."""
-    model, opt = compile_if(net, compiled), adamw(net, 1e-4, 0.0, device)
+    model, opt = compile_if(net, compile), adamw(net, 1e-4, 0.0, device)
     ema = copy.deepcopy(net).requires_grad_(False)
     return lambda batch: training_step(model.train(), objective, batch, 0, net, ema, opt, lr=1e-4, lr_warmup=0,
                                        grad_clip=1.0, ema_decay=0.999, device=device, precision=precision)
@@ -1679,7 +1678,8 @@ def stage_bench(cfg):
             if name == cfg.model:  # its distillation: G = z + u, guided by a frozen v2, with --distance
                 distance = (compile_if(lpips_at_64(lpips_network().to(device)), compiled) if cfg.distance == "lpips"
                             else DISTANCES[cfg.distance])  # LPIPS's random weights: the published ones' work
-                objective = FlowGuidedDistillationLoss(compile_if(copy.deepcopy(net), compiled), distance)
+                objective = FlowGuidedDistillationLoss(compile_if(copy.deepcopy(net), compiled), distance,
+                                                       cfg.reg_weight, cfg.target_form)
                 step = bench_step(OneStepGenerator(copy.deepcopy(net)), objective, device, precision, compiled)
                 distill = samples_per_second(lambda z: step((z, z.flip(0))), z)
             train = samples_per_second(bench_step(net, RectifiedFlowLoss(), device, precision, compiled), z)  # last
@@ -1699,22 +1699,30 @@ def stage_bench(cfg):
     return rows
 
 def recipe_hours(cfg, rows):
-    """The device-hours of --dataset's recipe (its default pairs, steps and batch) at the fastest rates measured:
-    pairs by the teacher's RK45, reflow's and distillation's steps of the student; and the teacher's own training,
-    which the published teacher saves. Rates at --batch-size stand in for the recipe's batch."""
+    """The device time of --dataset's recipe (its pairs, steps, batch and losses) at the fastest rates measured:
+    pairs by the teacher's RK45 (fp32, as the pairs stage runs it), reflow's and distillation's steps of the student;
+    and the teacher's own training, which a published teacher saves. Said too: where the bench timed other settings."""
     def fastest(model, key):  # samples/s
-        return max(r[key] for r in rows if r["model"] == model and r[key] is not None)
+        return max(r[key] for r in rows if r["model"] == model and r[key] is not None
+                   and (key != "rk45" or r["precision"] == "fp32"))
     recipe = {stage: settings_for({"dataset": cfg.dataset}, stage) for stage in ("teacher", "pairs", "reflow",
                                                                                   "distill")}
-    hours = {"pairs": recipe["pairs"].num_pairs / fastest(cfg.teacher_model, "rk45") / 3600,
+    pairs, distill = recipe["pairs"], recipe["distill"]
+    hours = {"pairs": pairs.num_pairs / fastest(cfg.teacher_model, "rk45") / 3600,
              **{stage: recipe[stage].steps * recipe[stage].batch_size / fastest(model, key) / 3600
                 for stage, model, key in (("reflow", cfg.model, "train"), ("distill", cfg.model, "distill"),
                                           ("teacher", cfg.teacher_model, "train"))}}
-    print(f"[bench] the {cfg.dataset} recipe at these rates: pairs {hours['pairs']:.2f} h "
-          f"({recipe['pairs'].num_pairs:,} by RK45), reflow {hours['reflow']:.2f} h ({recipe['reflow'].steps:,} "
-          f"steps), distill {hours['distill']:.2f} h ({recipe['distill'].steps:,} steps): "
-          f"{sum(hours.values()) - hours['teacher']:.2f} device-hours from a given teacher; training the teacher "
-          f"({recipe['teacher'].steps:,} steps) adds {hours['teacher']:.2f} h")
+    differs = [f"{name} {ours} (the recipe's {theirs})" for name, ours, theirs in (
+        ("batch", cfg.batch_size, distill.batch_size), ("RK45 batch", cfg.batch_size, pairs.pairs_batch),
+        ("rtol", cfg.rtol, pairs.rtol), ("atol", cfg.atol, pairs.atol), ("distance", cfg.distance, distill.distance),
+        ("target form", cfg.target_form, distill.target_form), ("lambda", cfg.reg_weight, distill.reg_weight))
+        if ours != theirs]
+    took = {stage: duration(h * 3600) for stage, h in hours.items()}
+    print(f"[bench] the {cfg.dataset} recipe at these rates: pairs {took['pairs']} ({pairs.num_pairs:,} by RK45), "
+          f"reflow {took['reflow']} ({recipe['reflow'].steps:,} steps), distill {took['distill']} ({distill.steps:,} "
+          f"steps): {duration(3600 * (sum(hours.values()) - hours['teacher']))} from a given teacher; training the "
+          f"teacher ({recipe['teacher'].steps:,} steps) adds {took['teacher']}"
+          + (f". Timed with {', '.join(differs)}" if differs else ""))
     return hours
 
 
@@ -1891,6 +1899,8 @@ def run_stage(cfg):
         if (samples := Path(cfg.out) / f"samples_{pick_stage(cfg)}.npy").exists():
             raise UsageError(f"{samples} exists; pass --overwrite to replace it")
     torch.manual_seed(cfg.seed)  # the networks' initial weights
+    if cfg.compile:  # each stage compiles its networks afresh: --stage all runs every stage in one process, and
+        torch.compiler.reset()  # dynamo keeps 8 compiled versions of a function (of networks, shapes), then runs eager
     return STAGES[cfg.stage](cfg)
 
 def lock_run_directory(cfg):

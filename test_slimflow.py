@@ -2003,13 +2003,14 @@ def test_compiled_training_gives_eager_losses_from_one_graph_per_network(tmp_pat
     torch._dynamo.reset()
     counters.clear()
     pairs = torch.randn(2, 16, 3, 8, 8)
-    teacher, distill = {}, {}
+    teacher, distill, rate = {}, {}, {}
     for compiled in (False, True):
         torch.manual_seed(0)
         history = sf.History(tmp_path / str(compiled), "teacher")
         sf.train(tiny_unet(0), sf.RectifiedFlowLoss(), sf.TrainingData(sf.shapes_images(64, 8)), 20, 4, 1e-3,
                  compile=compiled, log_every=1, ckpt_every=10**9, history=history)
         teacher[compiled] = [history.rows[step]["loss"] for step in range(1, 21)]
+        rate[compiled] = history.rows[4]["it/s"]
         history = sf.History(tmp_path / str(compiled), "distill")
         guide = sf.compile_if(tiny_unet(1), compiled)  # as stage_distill builds it
         objective = sf.FlowGuidedDistillationLoss(guide, sf.l2_distance, 1.0, "paper")  # v2 called twice a step
@@ -2017,19 +2018,20 @@ def test_compiled_training_gives_eager_losses_from_one_graph_per_network(tmp_pat
                  compile=compiled, log_every=1, ckpt_every=10**9, history=history)
         distill[compiled] = [(history.rows[step]["pair"], history.rows[step]["reg"]) for step in range(1, 6)]
     assert teacher[True] == pytest.approx(teacher[False], rel=1e-5) and len(set(teacher[True])) == 20
-    print(distill)
     assert all(a == pytest.approx(b, rel=1e-5) for a, b in zip(distill[True], distill[False]))
     assert len(set(distill[True])) == 5 and min(reg for pair, reg in distill[True]) > 1e-3  # the guide matters
     assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]  # teacher, generator, guide
     assert capsys.readouterr().out.count("[train] first step, compilation included: ") == 2  # its time, once a run
+    assert rate[True] > rate[False] / 10  # the rate of the compiled steps, not of seconds of compilation
 
 def test_every_network_that_compile_reaches_traces_into_one_graph():
     # what --compile compiles, traced by dynamo alone (no code generated: seconds): one graph each, no graph break
     unet, t, x = sf.build_model("unet-micro", (3, 32, 32)), torch.rand(2), torch.randn(2, 3, 32, 32)
     calls = {"U-Net, training": (unet.train(), x, t), "generator": (sf.OneStepGenerator(unet), x),
+             "TraFlow's U-Net, sampling": (sf.build_model("unet-micro", (3, 32, 32), two_times=True).eval(), x, t, t),
              "MLP": (sf.build_model("mlp-64x2", (2,)), torch.randn(2, 2), t),
-             "LPIPS at 64x64": (sf.lpips_at_64(sf.lpips_network()), x.requires_grad_(), torch.randn(2, 3, 32, 32)),
-             "FID Inception": (sf.fid_inception(), x.detach())}
+             "LPIPS at 64x64": (sf.lpips_at_64(sf.lpips_network()), x.clone().requires_grad_(), torch.randn_like(x)),
+             "FID Inception": (sf.fid_inception(), x)}
     for name, (fn, *inputs) in calls.items():
         explained = torch._dynamo.explain(fn)(*inputs)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
@@ -2056,7 +2058,8 @@ def test_compile_reaches_every_network_a_stage_runs(tmp_path, monkeypatch):
     # --compile compiles what a stage trains and what it only runs: pairs' teacher; distillation's generator, its
     # guide v2 and LPIPS; the network that samples, FID's Inception. Without it nothing is compiled (stood in for
     # here, and counted: see the test above)
-    compiled = record_compiled(monkeypatch)
+    compiled, resets = record_compiled(monkeypatch), []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(len(compiled)))
     argv = [*SHAPES, "--rtol", "1e-2", "--atol", "1e-2", "--out", str(tmp_path), "--device", "cpu"]
     torch.save(sf.lpips_network().state_dict(), tmp_path / "lpips.pth")
     lpips = ["--distance", "lpips", "--lpips-weights", str(tmp_path / "lpips.pth")]
@@ -2082,6 +2085,7 @@ def test_compile_reaches_every_network_a_stage_runs(tmp_path, monkeypatch):
     assert compiled[1].calls == 2 + 3  # the samples, in 2 batches; then samples/s, timed on a batch 3 times
     assert [f.name for f in (tmp_path / "data").glob("fid_stats_*")] == [
         "fid_stats_shapes_train_32px_16_sequential_tf1.npz"]  # named by the extractor, not by its compiled wrapper
+    assert resets == [0] * 5  # each compiled stage run by main (eval was not) compiles afresh, before any network
 
 def test_precision_defaults_to_fp32_without_a_bf16_gpu():
     assert sf.resolve_precision(None, "cpu") == "fp32" and sf.resolve_precision("bf16", "cpu") == "bf16"
@@ -2107,15 +2111,23 @@ def test_bench_compares_student_and_teacher(tmp_path, capsys):
 
 def test_bench_estimates_the_recipe_in_device_hours_from_the_fastest_rates(capsys):
     cfg = sf.parse_args(["--stage", "bench", "--dataset", "cifar10", "--batch-size", "64"])  # the recipe's is 128
-    student, teacher = dict(model="slim-15.7m", distill=320.0, rk45=1.0), dict(model="rf-61.8m", distill=None)
+    student = dict(model="slim-15.7m", precision="fp32", distill=320.0, rk45=1.0)
+    teacher = dict(model="rf-61.8m", precision="fp32", distill=None)
     rows = [{**student, "train": 800.0}, {**student, "train": 1600.0, "distill": 640.0},  # samples/s
-            {**teacher, "train": 800.0, "rk45": 50.0}, {**teacher, "train": 400.0, "rk45": 25.0}]
+            {**teacher, "train": 800.0, "rk45": 50.0}, {**teacher, "train": 400.0, "rk45": 25.0},
+            {**teacher, "precision": "bf16", "train": 100.0, "rk45": 500.0}]  # the pairs stage runs in fp32
     hours = sf.recipe_hours(cfg, rows)
     assert hours == pytest.approx({"pairs": 50_000 / 50 / 3600, "reflow": 500_000 * 128 / 1600 / 3600,
                                    "distill": 200_000 * 128 / 640 / 3600, "teacher": 800_000 * 128 / 800 / 3600})
-    assert ("pairs 0.28 h (50,000 by RK45), reflow 11.11 h (500,000 steps), distill 11.11 h (200,000 steps): 22.50 "
-            "device-hours from a given teacher; training the teacher (800,000 steps) adds 35.56 h"
-            ) in capsys.readouterr().out
+    assert ("pairs 16m40s (50,000 by RK45), reflow 11h06m (500,000 steps), distill 11h06m (200,000 steps): 22h30m "
+            "from a given teacher; training the teacher (800,000 steps) adds 35h33m. Timed with batch 64 (the "
+            "recipe's 128), RK45 batch 64 (the recipe's 500)\n") in capsys.readouterr().out
+    cfg = sf.parse_args(["--stage", "bench", "--dataset", "cifar10", "--batch-size", "500", "--distance", "l2",
+                         "--rtol", "1e-2", "--target-form", "paper"])
+    sf.recipe_hours(cfg, rows)
+    assert capsys.readouterr().out.endswith(
+        "Timed with batch 500 (the recipe's 128), rtol 0.01 (the recipe's 1e-05), distance l2 (the recipe's lpips), "
+        "target form paper (the recipe's official)\n")
 
 def test_bench_with_compile_compiles_every_network_it_times(tmp_path, monkeypatch):
     compiled = record_compiled(monkeypatch)  # stood in for: see Compiled
