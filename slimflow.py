@@ -1705,8 +1705,8 @@ def recipe_hours(cfg, rows):
     def fastest(model, key):  # samples/s
         return max(r[key] for r in rows if r["model"] == model and r[key] is not None
                    and (key != "rk45" or r["precision"] == "fp32"))
-    recipe = {stage: settings_for({"dataset": cfg.dataset}, stage) for stage in ("teacher", "pairs", "reflow",
-                                                                                  "distill")}
+    stages = ("teacher", "pairs", "reflow", "distill")
+    recipe = {stage: settings_for({"dataset": cfg.dataset}, stage) for stage in stages}
     pairs, distill = recipe["pairs"], recipe["distill"]
     hours = {"pairs": pairs.num_pairs / fastest(cfg.teacher_model, "rk45") / 3600,
              **{stage: recipe[stage].steps * recipe[stage].batch_size / fastest(model, key) / 3600
@@ -1737,9 +1737,8 @@ DEFAULTS = {
                 compile=False, channels_last=False, resume=False, overwrite=False, rtol=1e-5, atol=1e-5,
                 beta_schedule="linear", distance="l2", reg_weight=1.0, target_form="official", traflow_from="teacher",
                 lambda_vel=1.0, lambda_cons=1.0, traflow_phases=0, traflow_midpoint="student",
-                traflow_target="stopgrad",
-                sampler="rk45", nfe=1, sample_from=None, no_fid=False, fid_weights=None, fid_stats=None,
-                lpips_weights=None),
+                traflow_target="stopgrad", sampler="rk45", nfe=1, sample_from=None, no_fid=False, fid_weights=None,
+                fid_stats=None, lpips_weights=None),
     "toy": dict(teacher_model="mlp-256x3", model="mlp-96x3", batch_size=256, lr=1e-3, lr_warmup=100, grad_clip=1.0,
                 ema_decay=0.999, num_pairs=20_000, pairs_batch=20_000, num_samples=10_000, log_every=500,
                 ckpt_every=1000, preview_every=0, anneal_steps=1000, flip=False,
